@@ -1,0 +1,3 @@
+from pyserving.cli import main
+import sys
+sys.exit(main())

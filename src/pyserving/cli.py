@@ -1,0 +1,67 @@
+"""Entry point of `pyserving` and `tensorflow_model_server`.
+
+Heavy imports (TensorFlow, gRPC) happen only after the flags are parsed, so
+`--help` and `--version` answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import sys
+
+from pyserving import __version__, flags
+
+log = logging.getLogger("pyserving")
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s.%(msecs)03d: %(levelname).1s pyserving] %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+    # TensorFlow's C++ start-up chatter is noise for a server; users can still override.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def _tensorflow_version() -> str:
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        parsed = flags.parse(args)
+    except flags.UsageError as exc:
+        flags.exit_with_usage(str(exc))
+    options = parsed.options
+    if parsed.unknown:
+        sys.stdout.write(f"unknown argument: {parsed.unknown[0]}\n{flags.usage()}")
+        sys.stdout.flush()
+    if options.version:
+        print(f"TensorFlow ModelServer: {__version__}-pyserving")
+        print(f"TensorFlow Library: {_tensorflow_version()}")
+        return 0
+    if not options.model_base_path and not options.model_config_file:
+        flags.exit_with_usage()
+    _configure_logging()
+    for name, issue in options.pending_flags():
+        log.warning("Flag --%s is accepted but not implemented yet in pyserving (planned: %s); it has no effect.",
+                    name, issue)
+
+    from pyserving import server
+
+    return server.run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The data plane: Predict, metadata and status semantics shared by REST and gRPC.
+
+Front-ends translate their wire format into these calls and back; everything
+TF Serving decides independently of the protocol (servable lookup, signature
+checks, input and output_filter validation) lives here. Calls are synchronous
+and run on worker threads (see `pyserving.concurrency`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from pyserving import tensors
+from pyserving.errors import Code, ServingError, invalid_argument
+from pyserving.manager import ModelManager, VersionStatus
+from pyserving.servable import DEFAULT_SIGNATURE, PREDICT_METHOD, Servable
+
+SIGNATURE_DEF_FIELD = "signature_def"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    version: int | None = None
+    label: str | None = None
+    signature_name: str = ""
+
+
+@dataclass
+class PredictResult:
+    name: str
+    version: int
+    signature_name: str
+    outputs: dict[str, np.ndarray]
+
+
+class DataPlane:
+    def __init__(self, manager: ModelManager, method_name_check: bool) -> None:
+        self._manager = manager
+        self._method_name_check = method_name_check
+
+    def servable(self, spec: ModelSpec) -> tuple[int, Servable]:
+        return self._manager.servable(spec.name, spec.version, spec.label)
+
+    def predict(
+        self,
+        spec: ModelSpec,
+        inputs: dict[str, np.ndarray],
+        output_filter: list[str] = (),
+        timeout_ms: int = 0,
+        target: tuple[int, Servable] | None = None,
+    ) -> PredictResult:
+        """Run a predict signature; `target` skips the lookup when the caller already resolved it."""
+        version, servable = target or self.servable(spec)
+        key = spec.signature_name or DEFAULT_SIGNATURE
+        signature = servable.signature_defs.get(key)
+        if signature is None:
+            raise ServingError(Code.FAILED_PRECONDITION, f'Serving signature key "{key}" not found.')
+        if self._method_name_check and signature.method_name != PREDICT_METHOD:
+            raise ServingError(
+                Code.INTERNAL,
+                f"Expected prediction signature method_name to be one of {{{PREDICT_METHOD}}}. "
+                f"Was: {signature.method_name}")
+        feeds = _complete_inputs(signature, inputs)
+        aliases = _output_aliases(signature, output_filter)
+        arrays = servable.run(signature, feeds, aliases, timeout_ms)
+        return PredictResult(spec.name, version, key, dict(zip(aliases, arrays)))
+
+    def signature_defs(self, spec: ModelSpec, fields: list[str]
+                       ) -> tuple[int, dict[str, meta_graph_pb2.SignatureDef]]:
+        """GetModelMetadata: only the `signature_def` field exists."""
+        if not fields:
+            raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in fields:
+            if field != SIGNATURE_DEF_FIELD:
+                raise invalid_argument(f"Metadata field {field} is not supported")
+        version, servable = self.servable(spec)
+        return version, servable.signature_defs
+
+    def status(self, name: str, version: int | None) -> list[VersionStatus]:
+        return self._manager.status(name, version)
+
+
+def _complete_inputs(signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]
+                     ) -> dict[str, np.ndarray]:
+    """Check the request's input keys against the signature; fill omitted ones from `defaults`."""
+    expected = set(signature.inputs)
+    sent = set(inputs)
+    extra = sorted(sent - expected)
+    missing = sorted(expected - sent - set(signature.defaults))
+    if extra or missing:
+        raise invalid_argument(
+            f"input size does not match signature: {len(sent)}!={len(expected)} "
+            f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Sent extra: {{{','.join(extra)}}}. Missing but required: {{{','.join(missing)}}}.")
+    if sent == expected:
+        return inputs
+    feeds = dict(inputs)
+    for alias in expected - sent:
+        feeds[alias] = tensors.to_ndarray(signature.defaults[alias], alias)
+    return feeds
+
+
+def _output_aliases(signature: meta_graph_pb2.SignatureDef, output_filter) -> list[str]:
+    if not output_filter:
+        return sorted(signature.outputs)
+    seen: set[str] = set()
+    for alias in output_filter:
+        if alias not in signature.outputs:
+            raise invalid_argument(f"output tensor alias not found in signature: {alias}")
+        if alias in seen:
+            raise invalid_argument(f"duplicate output tensor alias: {alias}")
+        seen.add(alias)
+    return list(output_filter)

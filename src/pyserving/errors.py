@@ -1,0 +1,100 @@
+"""The one exception type of the serving core and its mapping to HTTP and gRPC.
+
+Every failure that reaches a client is a `ServingError` carrying a canonical
+status code (the absl/gRPC code space TF Serving uses) and TF Serving's message.
+Front-ends translate it exactly once: REST via `http_status`, gRPC via
+`grpc_code`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import grpc
+
+
+class Code(enum.IntEnum):
+    """Canonical status codes (same numbers as absl::StatusCode and gRPC)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+_HTTP_STATUS = {
+    Code.OK: 200,
+    Code.CANCELLED: 499,
+    Code.INVALID_ARGUMENT: 400,
+    Code.FAILED_PRECONDITION: 400,
+    Code.OUT_OF_RANGE: 400,
+    Code.DEADLINE_EXCEEDED: 504,
+    Code.NOT_FOUND: 404,
+    Code.ALREADY_EXISTS: 409,
+    Code.ABORTED: 409,
+    Code.PERMISSION_DENIED: 403,
+    Code.UNAUTHENTICATED: 401,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.UNIMPLEMENTED: 501,
+    Code.UNAVAILABLE: 503,
+}
+
+_GRPC_MESSAGE_LIMIT = 1024
+
+
+class ServingError(Exception):
+    """A request or load failure with a canonical code and a client-facing message."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS.get(self.code, 500)
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return grpc.StatusCode[self.code.name]
+
+    @property
+    def grpc_message(self) -> str:
+        """The message as TF Serving sends it over gRPC: cut at 1024 characters."""
+        if len(self.message) > _GRPC_MESSAGE_LIMIT:
+            return self.message[:_GRPC_MESSAGE_LIMIT] + "...TRUNCATED"
+        return self.message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+def invalid_argument(message: str) -> ServingError:
+    return ServingError(Code.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServingError:
+    return ServingError(Code.NOT_FOUND, message)
+
+
+def from_tf_error(exc: Exception) -> ServingError:
+    """Translate a TensorFlow `OpError` (or anything else) into a ServingError."""
+    code = getattr(exc, "error_code", None)
+    message = getattr(exc, "message", None) or str(exc)
+    try:
+        return ServingError(Code(code), message)
+    except ValueError:
+        return ServingError(Code.UNKNOWN, message)

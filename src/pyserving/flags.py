@@ -1,0 +1,200 @@
+"""`tensorflow_model_server` command-line flags, parsed with TF Serving's rules.
+
+Rules (TF's `tensorflow::Flags`): only `--name=value`; booleans also as bare
+`--name`, values `true`/`false` only; integers must parse completely; the last
+repeat wins. A bad value or `--help` prints the usage on stdout and exits 255;
+unknown arguments print `unknown argument: ...` with the usage and start anyway.
+The field list of `Options` is the single source of the flags, their defaults
+and help texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+
+INT32 = "int32"
+INT64 = "int64"
+_CPUS = os.cpu_count() or 1
+
+
+def _flag(default, kind: str, help: str, *, pending: str = "", extension: bool = False):
+    """A flag field. `pending` names the issue that will implement a flag accepted but not yet honoured."""
+    return field(default=default, metadata={"kind": kind, "help": help, "pending": pending,
+                                            "extension": extension})
+
+
+@dataclass
+class Options:
+    # Ports and transport
+    port: int = _flag(8500, INT32, "Port to listen on for gRPC API (0 = no TCP gRPC listener)")
+    grpc_socket_path: str = _flag("", "string", "If non-empty, also listen for gRPC on this UNIX socket path")
+    rest_api_port: int = _flag(0, INT32, "Port to listen on for HTTP/REST API; 0 disables REST. Must differ from --port")
+    rest_api_num_threads: int = _flag(4 * _CPUS, INT32, "Number of threads for HTTP/REST API processing")
+    rest_api_timeout_in_ms: int = _flag(30000, INT32, "Timeout for HTTP/REST API inference calls (ms)")
+    rest_api_enable_cors_support: bool = _flag(False, "bool", "Enable CORS headers in REST API responses",
+                                               pending="operations (#5)")
+    grpc_channel_arguments: str = _flag("", "string", "Comma separated list of gRPC channel arguments key=value",
+                                        pending="operations (#5)")
+    grpc_max_threads: int = _flag(4 * _CPUS, INT32, "Max gRPC server threads to handle calls")
+    enable_grpc_healthcheck_service: bool = _flag(False, "bool", "Enable the standard gRPC health checking service",
+                                                  pending="operations (#5)")
+    # Model selection and runtime
+    model_name: str = _flag("default", "string", "Name of model (ignored if --model_config_file is set)")
+    model_base_path: str = _flag("", "string", "Path to export (ignored if --model_config_file is set)")
+    saved_model_tags: str = _flag("serve", "string", "Comma-separated set of tags of the MetaGraphDef to load")
+    prefer_tflite_model: bool = _flag(False, "bool", "EXPERIMENTAL: prefer model.tflite over saved_model.pb",
+                                      pending="not planned (TFLite runtime)")
+    num_tflite_pools: int = _flag(_CPUS, INT32, "EXPERIMENTAL: TFLite interpreter pools per session",
+                                  pending="not planned (TFLite runtime)")
+    num_tflite_interpreters_per_pool: int = _flag(1, INT32, "EXPERIMENTAL: TFLite interpreters per pool",
+                                                  pending="not planned (TFLite runtime)")
+    enable_signature_method_name_check: bool = _flag(
+        False, "bool", "Require predict/classify/regress APIs to match the signature's method_name")
+    # Config files and polling
+    model_config_file: str = _flag("", "string", "Text-format ModelServerConfig; overrides --model_name/--model_base_path",
+                                   pending="model lifecycle (#3)")
+    model_config_file_poll_wait_seconds: int = _flag(0, INT32, "Re-read --model_config_file every N seconds (0 = once)",
+                                                     pending="model lifecycle (#3)")
+    file_system_poll_wait_seconds: int = _flag(1, INT32, "Seconds between polls of the base path for new versions")
+    platform_config_file: str = _flag("", "string", "Text-format PlatformConfigMap", pending="not planned")
+    allow_version_labels_for_unavailable_models: bool = _flag(
+        False, "bool", "Allow assigning a new label to a version that is not yet available",
+        pending="model lifecycle (#3)")
+    tensorflow_session_config_file: str = _flag("", "string", "Text-format TF ConfigProto for sessions",
+                                                pending="not planned")
+    thread_pool_factory_config_file: str = _flag("", "string", "Text-format ThreadPoolFactoryConfig",
+                                                 pending="not planned")
+    # Loading and unloading
+    num_load_threads: int = _flag(0, INT32, "Threads for loading versions after the initial load (0 = serial)",
+                                  pending="model lifecycle (#3)")
+    num_unload_threads: int = _flag(0, INT32, "Threads for unloading versions (0 = serial)",
+                                    pending="model lifecycle (#3)")
+    max_num_load_retries: int = _flag(5, INT32, "Retries after a failed load (0 = one attempt)")
+    load_retry_interval_micros: int = _flag(60_000_000, INT64, "Wait between load retries in microseconds")
+    flush_filesystem_caches: bool = _flag(True, "bool", "Flush filesystem caches after loads (no effect in pyserving)")
+    remove_unused_fields_from_bundle_metagraph: bool = _flag(
+        True, "bool", "Strip unneeded MetaGraphDef fields after load (no effect in pyserving)")
+    # Batching
+    enable_batching: bool = _flag(False, "bool", "Batch concurrent requests", pending="batching (#8)")
+    batching_parameters_file: str = _flag("", "string", "Text-format BatchingParameters", pending="batching (#8)")
+    enable_per_model_batching_parameters: bool = _flag(
+        False, "bool", "Read batching_params.pbtxt from each version folder", pending="batching (#8)")
+    # Monitoring and profiling
+    monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig", pending="operations (#5)")
+    enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service (no effect in pyserving)")
+    # Security
+    ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS", pending="operations (#5)")
+    use_alts_credentials: bool = _flag(False, "bool", "Use Google ALTS credentials", pending="not planned")
+    # Threading, performance, hardware
+    tensorflow_session_parallelism: int = _flag(0, INT64, "Threads for TF sessions (0 = auto); sets intra and inter")
+    tensorflow_intra_op_parallelism: int = _flag(0, INT64, "TF intra-op threads (0 = auto)")
+    tensorflow_inter_op_parallelism: int = _flag(0, INT64, "TF inter-op threads (0 = auto)")
+    per_process_gpu_memory_fraction: float = _flag(0.0, "float", "GPU memory fraction", pending="not planned (CPU build)")
+    xla_cpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:CPU JIT", pending="not planned")
+    xla_gpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:GPU JIT", pending="not planned")
+    mixed_precision: str = _flag("", "string", "Automatic mixed precision, e.g. bfloat16", pending="not planned")
+    enable_serialization_as_tensor_content: bool = _flag(
+        False, "bool", "gRPC Predict responses use tensor_content instead of *_val fields")
+    skip_initialize_tpu: bool = _flag(False, "bool", "TPU builds only (no effect)")
+    # Warmup and misc
+    enable_model_warmup: bool = _flag(True, "bool", "Replay assets.extra/tf_serving_warmup_requests at load",
+                                      pending="model lifecycle (#3)")
+    num_request_iterations_for_warmup: int = _flag(0, INT32, "Replays per warmup record (0 = 1)",
+                                                   pending="model lifecycle (#3)")
+    version: bool = _flag(False, "bool", "Display version and exit")
+    # pyserving extensions
+    host: str = _flag("0.0.0.0", "string", "pyserving: address the gRPC and REST listeners bind to", extension=True)
+
+    def saved_model_tag_list(self) -> list[str]:
+        return [t for t in self.saved_model_tags.split(",") if t]
+
+    def parallelism(self) -> tuple[int, int]:
+        """(intra, inter) op threads with TF Serving's precedence rules."""
+        intra = self.tensorflow_intra_op_parallelism or self.tensorflow_session_parallelism
+        inter = self.tensorflow_inter_op_parallelism or self.tensorflow_session_parallelism
+        return intra, inter
+
+    def pending_flags(self) -> list[tuple[str, str]]:
+        """Flags set away from their default that this build accepts but does not implement yet."""
+        return [
+            (f.name, f.metadata["pending"])
+            for f in dataclasses.fields(self)
+            if f.metadata["pending"] and getattr(self, f.name) != f.default
+        ]
+
+
+class UsageError(Exception):
+    """A bad flag value or --help: print the usage and exit 255."""
+
+
+@dataclass
+class ParseResult:
+    options: Options
+    unknown: list[str]
+
+
+_INT_RANGES = {INT32: (-(2**31), 2**31 - 1), INT64: (-(2**63), 2**63 - 1)}
+
+
+def _convert(kind: str, name: str, text: str):
+    if kind == "string":
+        return text
+    if kind == "bool":
+        if text in ("true", "false"):
+            return text == "true"
+    elif kind in _INT_RANGES:
+        low, high = _INT_RANGES[kind]
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = None
+        if value is not None and low <= value <= high and text.strip() == text:
+            return value
+    elif kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    raise UsageError(f"Couldn't interpret value {text} for flag {name}.")
+
+
+def parse(argv: list[str]) -> ParseResult:
+    """Parse argv (without the program name). Raises UsageError on --help or a bad value."""
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    options = Options()
+    unknown: list[str] = []
+    for arg in argv:
+        if arg == "--help":
+            raise UsageError("")
+        name, has_value, text = arg[2:].partition("=") if arg.startswith("--") else ("", False, "")
+        spec = fields.get(name)
+        if spec is None or (not has_value and spec.metadata["kind"] != "bool"):
+            unknown.append(arg)
+            continue
+        value = _convert(spec.metadata["kind"], name, text) if has_value else True
+        setattr(options, name, value)
+    return ParseResult(options, unknown)
+
+
+def usage(program: str = "tensorflow_model_server") -> str:
+    lines = [f"usage: {program}", "Flags:"]
+    for f in dataclasses.fields(Options):
+        default = f.default
+        if isinstance(default, bool):
+            default = "true" if default else "false"
+        elif isinstance(default, str):
+            default = f'"{default}"'
+        left = f"--{f.name}={default}"
+        lines.append(f"\t{left:<32}\t{f.metadata['kind']}\t{f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+def exit_with_usage(message: str = "") -> None:
+    if message:
+        print(message, file=sys.stderr)
+    sys.stdout.write(usage())
+    sys.stdout.flush()
+    sys.exit(255)

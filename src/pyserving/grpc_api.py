@@ -1,0 +1,134 @@
+"""The gRPC front-end: tensorflow.serving.PredictionService and ModelService on grpc.aio.
+
+A thin adapter over `DataPlane`: protos in, numpy through the data plane on a
+worker thread, protos out; `ServingError` becomes the RPC status. RPCs that later
+issues implement answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from google.protobuf import wrappers_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2, get_model_status_pb2, model_pb2, model_service_pb2_grpc, predict_pb2,
+    prediction_service_pb2_grpc, status_pb2,
+)
+
+from pyserving import tensors
+from pyserving.concurrency import run_sync
+from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
+from pyserving.errors import ServingError, invalid_argument
+from pyserving.manager import VersionStatus
+
+
+def _spec(proto: model_pb2.ModelSpec) -> ModelSpec:
+    choice = proto.WhichOneof("version_choice")
+    return ModelSpec(
+        name=proto.name,
+        version=proto.version.value if choice == "version" else None,
+        label=proto.version_label if choice == "version_label" else None,
+        signature_name=proto.signature_name,
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ServingError):
+    await context.abort(error.grpc_code, error.grpc_message)
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor, tensor_content: bool) -> None:
+        self._dataplane = dataplane
+        self._pool = pool
+        self._tensor_content = tensor_content
+
+    async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+        try:
+            return await run_sync(self._pool, self._predict, request)
+        except ServingError as exc:
+            await _abort(context, exc)
+
+    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        spec = _spec(request.model_spec)
+        inputs = {alias: tensors.to_ndarray(proto, alias) for alias, proto in request.inputs.items()}
+        result = self._dataplane.predict(spec, inputs, list(request.output_filter))
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = result.name
+        response.model_spec.version.value = result.version
+        response.model_spec.signature_name = result.signature_name
+        for alias, array in result.outputs.items():
+            response.outputs[alias].CopyFrom(tensors.to_proto(array, self._tensor_content))
+        return response
+
+    async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):
+        try:
+            return await run_sync(self._pool, self._metadata, request)
+        except ServingError as exc:
+            await _abort(context, exc)
+
+    def _metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest):
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        spec = _spec(request.model_spec)
+        version, signature_defs = self._dataplane.signature_defs(spec, list(request.metadata_field))
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, signature in signature_defs.items():
+            signature_map.signature_def[key].CopyFrom(signature)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.CopyFrom(wrappers_pb2.Int64Value(value=version))
+        response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
+        return response
+
+    async def Classify(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Classify is not implemented yet in pyserving")
+
+    async def Regress(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress is not implemented yet in pyserving")
+
+    async def MultiInference(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented yet in pyserving")
+
+
+def _version_status(status: VersionStatus) -> get_model_status_pb2.ModelVersionStatus:
+    error = status.error
+    return get_model_status_pb2.ModelVersionStatus(
+        version=status.version,
+        state=int(status.state),
+        status=status_pb2.StatusProto(
+            error_code=int(error.code) if error else 0,
+            error_message=error.message if error else "",
+        ),
+    )
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor) -> None:
+        self._dataplane = dataplane
+        self._pool = pool
+
+    async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
+        try:
+            return await run_sync(self._pool, self._status, request)
+        except ServingError as exc:
+            await _abort(context, exc)
+
+    def _status(self, request: get_model_status_pb2.GetModelStatusRequest):
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        spec = _spec(request.model_spec)
+        statuses = self._dataplane.status(spec.name, spec.version)
+        return get_model_status_pb2.GetModelStatusResponse(
+            model_version_status=[_version_status(s) for s in statuses])
+
+    async def HandleReloadConfigRequest(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "HandleReloadConfigRequest is not implemented yet in pyserving")
+
+
+def add_services(server: grpc.aio.Server, dataplane: DataPlane, pool: ThreadPoolExecutor,
+                 tensor_content: bool) -> None:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(dataplane, pool, tensor_content), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(dataplane, pool), server)

@@ -1,0 +1,195 @@
+"""The REST front-end: TF Serving's /v1 URL scheme as a raw ASGI application.
+
+A thin adapter: it routes, reads (and gunzips) the body, hands the work to a
+worker thread and maps `ServingError` to TF Serving's HTTP status and
+`{"error": ...}` body. No web framework: TF Serving's routing quirks
+(case-insensitive prefix, case-sensitive verbs, percent-decoded names, empty
+bodies for some early errors) are easier to reproduce with two regexes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote
+
+from google.protobuf import json_format
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+
+from pyserving import json_codec
+from pyserving.concurrency import run_sync
+from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
+from pyserving.errors import Code, ServingError, invalid_argument
+from pyserving.manager import VersionStatus
+
+_V1 = re.compile(r"(?i)/v1/.*")
+_POST = re.compile(r"(?i)/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)")
+_GET = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?")
+_ORIGIN = re.compile(r"https?://.*")
+_MAX_VERSION = 2**63 - 1
+# TF Serving's limit on a gunzipped request body.
+MAX_UNCOMPRESSED_BYTES = 100 * 1024 * 1024
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_NOT_FOUND_PAGE = (
+    "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1>"
+    "<p>The requested URL {path} was not found on this server.</p></body></html>"
+)
+
+
+class _EmptyBodyError(Exception):
+    """An early routing error TF Serving answers with a 400 and no body."""
+
+
+class RestApi:
+    """ASGI app serving `/v1/models/...`."""
+
+    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor, timeout_ms: int) -> None:
+        self._dataplane = dataplane
+        self._pool = pool
+        self._timeout_ms = timeout_ms
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1").split("?", 1)[0]
+        method = scope["method"]
+        if not _V1.fullmatch(path):
+            await _respond(send, 404, _NOT_FOUND_PAGE.format(path=path).encode(),
+                           [(b"content-type", b"text/html; charset=ISO-8859-1")])
+            return
+        if method == "OPTIONS":
+            origin = _header(scope, b"origin")
+            ok = origin is not None and _ORIGIN.fullmatch(origin.decode("latin-1"))
+            await _respond(send, 200 if ok else 400, b"", [])
+            return
+        try:
+            body = await _read_body(receive, _header(scope, b"content-encoding"))
+        except ServingError as exc:
+            await _respond(send, exc.http_status, json_codec.encode_error(exc.message), _JSON_HEADERS)
+            return
+        status, payload = await run_sync(self._pool, self._handle, method, path, body)
+        await _respond(send, status, payload, _JSON_HEADERS)
+
+    def _handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            return 200, self._route(method, path, body)
+        except _EmptyBodyError:
+            return 400, b""
+        except ServingError as exc:
+            return exc.http_status, json_codec.encode_error(exc.message)
+
+    def _route(self, method: str, path: str, body: bytes) -> bytes:
+        if method == "POST":
+            match = _POST.fullmatch(path)
+            if match and match.group(4) in ("predict", "classify", "regress"):
+                spec = _model_spec(*match.group(1, 2, 3))
+                if match.group(4) == "predict":
+                    return self._predict(spec, body)
+                raise ServingError(Code.UNIMPLEMENTED,
+                                   f"{match.group(4).capitalize()} is not implemented yet in pyserving")
+        elif method == "GET":
+            match = _GET.fullmatch(path)
+            if match:
+                if match.group(1) is None:
+                    raise invalid_argument("Missing model name in request.")
+                spec = _model_spec(*match.group(1, 2, 3))
+                if match.group(4) == "metadata":
+                    return self._metadata(spec)
+                return self._status(spec)
+        raise invalid_argument(f"Malformed request: {method} {path}")
+
+    def _predict(self, spec: ModelSpec, body: bytes) -> bytes:
+        doc = json_codec.parse_object(body)
+        signature_key = json_codec.signature_name(doc)
+        target = self._dataplane.servable(spec)
+        signature = target[1].signature_defs.get(signature_key or "serving_default")
+        if signature is None:
+            raise invalid_argument(f'Serving signature name: "{signature_key}" not found in signature def')
+        inputs = json_codec.decode_predict(doc, signature, signature_key, body)
+        spec = ModelSpec(spec.name, spec.version, spec.label, signature_key)
+        result = self._dataplane.predict(spec, inputs.tensors, timeout_ms=self._timeout_ms, target=target)
+        return json_codec.encode_predict(result.outputs, inputs.format)
+
+    def _metadata(self, spec: ModelSpec) -> bytes:
+        version, signature_defs = self._dataplane.signature_defs(spec, [SIGNATURE_DEF_FIELD])
+        document = {
+            "model_spec": {"name": spec.name, "signature_name": "", "version": str(version)},
+            "metadata": {SIGNATURE_DEF_FIELD: signature_def_map_json(signature_defs)},
+        }
+        return json.dumps(document, indent=1, ensure_ascii=False).encode()
+
+    def _status(self, spec: ModelSpec) -> bytes:
+        statuses = self._dataplane.status(spec.name, spec.version)
+        document = {"model_version_status": [status_json(s) for s in statuses]}
+        return json.dumps(document, indent=1, ensure_ascii=False).encode()
+
+
+def signature_def_map_json(signature_defs: dict[str, meta_graph_pb2.SignatureDef]) -> dict:
+    """A SignatureDefMap as protobuf's JSON printer writes it (snake_case, defaults printed)."""
+    message = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature in signature_defs.items():
+        message.signature_def[key].CopyFrom(signature)
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def status_json(status: VersionStatus) -> dict:
+    error = status.error
+    return {
+        "version": str(status.version),
+        "state": status.state.name,
+        "status": {
+            "error_code": error.code.name if error else "OK",
+            "error_message": error.message if error else "",
+        },
+    }
+
+
+def _model_spec(name: str, version: str | None, label: str | None) -> ModelSpec:
+    number = None
+    if version is not None:
+        number = int(version)
+        if number > _MAX_VERSION:
+            raise _EmptyBodyError()
+    return ModelSpec(unquote(name), number, unquote(label) if label is not None else None)
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+async def _read_body(receive, encoding: bytes | None) -> bytes:
+    chunks = []
+    more = True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    if encoding is not None and b"gzip" in encoding.lower():
+        return _gunzip(body)
+    return body
+
+
+def _gunzip(body: bytes) -> bytes:
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = decompressor.decompress(body, MAX_UNCOMPRESSED_BYTES + 1)
+    except zlib.error as exc:
+        raise invalid_argument(f"Failed to decompress gzip request body: {exc}") from None
+    if len(data) > MAX_UNCOMPRESSED_BYTES or decompressor.unconsumed_tail:
+        raise invalid_argument(
+            f"Request body exceeds {MAX_UNCOMPRESSED_BYTES} bytes after gzip decompression")
+    return data
+
+
+async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

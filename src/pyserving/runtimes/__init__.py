@@ -1,0 +1,1 @@
+"""Runtimes turn a version folder into a `pyserving.servable.Servable`."""
