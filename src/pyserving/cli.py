@@ -51,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TensorFlow ModelServer: {__version__}-pyserving")
         print(f"TensorFlow Library: {_tensorflow_version()}")
         return 0
-    if not options.model_base_path and not options.model_config_file:
-        flags.exit_with_usage()
     _configure_logging()
     for name, issue in options.pending_flags():
         log.warning("Flag --%s is accepted but not implemented yet in pyserving (planned: %s); it has no effect.",

@@ -16,7 +16,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from pyserving import tensors
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import ModelManager, VersionStatus
-from pyserving.servable import DEFAULT_SIGNATURE, PREDICT_METHOD, Servable
+from pyserving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, PREDICT_METHOD, REGRESS_METHOD, Servable
 
 SIGNATURE_DEF_FIELD = "signature_def"
 
@@ -62,8 +62,8 @@ class DataPlane:
         if self._method_name_check and signature.method_name != PREDICT_METHOD:
             raise ServingError(
                 Code.INTERNAL,
-                f"Expected prediction signature method_name to be one of {{{PREDICT_METHOD}}}. "
-                f"Was: {signature.method_name}")
+                f"Expected prediction signature method_name to be one of {{{PREDICT_METHOD}, "
+                f"{CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: {signature.method_name}")
         feeds = _complete_inputs(signature, inputs)
         aliases = _output_aliases(signature, output_filter)
         arrays = servable.run(signature, feeds, aliases, timeout_ms)
@@ -76,7 +76,8 @@ class DataPlane:
             raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
         for field in fields:
             if field != SIGNATURE_DEF_FIELD:
-                raise invalid_argument(f"Metadata field {field} is not supported")
+                # TF Serving's message really reads like this (a literal "%s", name appended).
+                raise invalid_argument(f"Metadata field %s is not supported{field}")
         version, servable = self.servable(spec)
         return version, servable.signature_defs
 
@@ -91,11 +92,15 @@ def _complete_inputs(signature: meta_graph_pb2.SignatureDef, inputs: dict[str, n
     sent = set(inputs)
     extra = sorted(sent - expected)
     missing = sorted(expected - sent - set(signature.defaults))
-    if extra or missing:
+    if len(sent) != len(expected) and (extra or missing):
         raise invalid_argument(
             f"input size does not match signature: {len(sent)}!={len(expected)} "
             f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
             f"Sent extra: {{{','.join(extra)}}}. Missing but required: {{{','.join(missing)}}}.")
+    for alias in extra:
+        raise invalid_argument(
+            f"input tensor alias not found in signature: {alias}. Inputs expected to be in the set "
+            f"{{{','.join(sorted(expected))}}}.")
     if sent == expected:
         return inputs
     feeds = dict(inputs)
@@ -110,7 +115,9 @@ def _output_aliases(signature: meta_graph_pb2.SignatureDef, output_filter) -> li
     seen: set[str] = set()
     for alias in output_filter:
         if alias not in signature.outputs:
-            raise invalid_argument(f"output tensor alias not found in signature: {alias}")
+            raise invalid_argument(
+                f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
+                f"{{{','.join(sorted(signature.outputs))}}}.")
         if alias in seen:
             raise invalid_argument(f"duplicate output tensor alias: {alias}")
         seen.add(alias)

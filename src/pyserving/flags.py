@@ -1,7 +1,7 @@
 """`tensorflow_model_server` command-line flags, parsed with TF Serving's rules.
 
 Rules (TF's `tensorflow::Flags`): only `--name=value`; booleans also as bare
-`--name`, values `true`/`false` only; integers must parse completely; the last
+`--name`, values true/false (any case) or 1/0; integers must parse completely; the last
 repeat wins. A bad value or `--help` prints the usage on stdout and exits 255;
 unknown arguments print `unknown argument: ...` with the usage and start anyway.
 The field list of `Options` is the single source of the flags, their defaults
@@ -143,8 +143,8 @@ def _convert(kind: str, name: str, text: str):
     if kind == "string":
         return text
     if kind == "bool":
-        if text in ("true", "false"):
-            return text == "true"
+        if text.lower() in ("true", "1", "false", "0"):
+            return text.lower() in ("true", "1")
     elif kind in _INT_RANGES:
         low, high = _INT_RANGES[kind]
         try:
@@ -187,8 +187,10 @@ def usage(program: str = "tensorflow_model_server") -> str:
             default = "true" if default else "false"
         elif isinstance(default, str):
             default = f'"{default}"'
+        elif isinstance(default, float):
+            default = f"{default:f}"
         left = f"--{f.name}={default}"
-        lines.append(f"\t{left:<32}\t{f.metadata['kind']}\t{f.metadata['help']}")
+        lines.append(f"\t{left:<33}\t{f.metadata['kind']}\t{f.metadata['help']}")
     return "\n".join(lines) + "\n"
 
 

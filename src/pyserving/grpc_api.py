@@ -50,6 +50,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             await _abort(context, exc)
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
         spec = _spec(request.model_spec)
         inputs = {alias: tensors.to_ndarray(proto, alias) for alias, proto in request.inputs.items()}
         result = self._dataplane.predict(spec, inputs, list(request.output_filter))

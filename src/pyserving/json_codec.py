@@ -29,7 +29,6 @@ from pyserving.json_writer import (
 ROW = "row"
 COLUMNAR = "columnar"
 _DEBUG_LIMIT = 256
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
 _UINT32 = (0, 2**32 - 1)
@@ -40,14 +39,15 @@ _INT_RANGES = {
     types_pb2.DT_UINT64: _UINT64,
 }
 _FLOATS = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE)
-# Largest integer each float type holds exactly (TF's IsLosslessDecimal).
-_LOSSLESS_INT = {types_pb2.DT_FLOAT: 2**24 - 1, types_pb2.DT_DOUBLE: 2**53 - 1}
 
 
 # ---------------------------------------------------------------- parsing
 
 def parse_object(body: bytes) -> dict:
-    """Parse a request body as TF Serving does: NaN/Infinity allowed, trailing data ignored."""
+    """Parse a request body as TF Serving does: NaN/Infinity allowed, trailing data ignored.
+
+    Known difference: rapidjson keeps the first of duplicate keys, both parsers here keep the last.
+    """
     if not body:
         raise invalid_argument("JSON Parse error: The document is empty")
     try:
@@ -211,16 +211,7 @@ def _check_scalar(value, dtype: int):
     if dtype in _FLOATS:
         if not is_number:
             raise _type_error(value, dtype)
-        limit = _LOSSLESS_INT[dtype]
-        if isinstance(value, int):
-            lossless = abs(value) <= limit
-        else:
-            lossless = not np.isfinite(value) or dtype == types_pb2.DT_DOUBLE or abs(value) <= _FLOAT32_MAX
-        if not lossless:
-            target = "float" if dtype == types_pb2.DT_FLOAT else "double"
-            raise invalid_argument(
-                f"Cannot convert JSON value: {debug_string(value)} to {target} without loss of precision.")
-        return value
+        return float(value)
     if dtype == types_pb2.DT_BOOL:
         if not isinstance(value, bool):
             raise _type_error(value, dtype)
@@ -296,16 +287,10 @@ def _fast_tensor(value, dtype: int, may_hold_bools: bool) -> np.ndarray | None:
     if dtype == types_pb2.DT_BOOL:
         return array if kind == "b" else None
     if dtype in _FLOATS:
-        if kind == "i":
-            if np.abs(array).max() > _LOSSLESS_INT[dtype]:
-                return None
-        elif kind == "f":
-            finite = array[np.isfinite(array)]
-            if finite.size and np.abs(finite).max() > _LOSSLESS_INT[dtype]:
-                return None  # might hold an integer TF rejects as lossy; let the walk decide
-        else:
+        if kind not in "if":
             return None
-        return array.astype(tensors.numpy_dtype(dtype), copy=False)
+        with np.errstate(over="ignore"):
+            return array.astype(tensors.numpy_dtype(dtype), copy=False)
     bounds = _INT_RANGES.get(dtype)
     if bounds is None or kind not in "iu":
         return None
@@ -344,7 +329,7 @@ def decode_predict(doc: dict, signature: meta_graph_pb2.SignatureDef, signature_
     if has_instances:
         instances = doc["instances"]
         if not isinstance(instances, list):
-            raise invalid_argument(f"JSON Value: {debug_string(doc)} Excepting 'instances' to be an list/array")
+            raise invalid_argument(f"JSON Value: {debug_string(doc)} Expecting 'instances' to be an list/array")
         if not instances:
             raise invalid_argument(f"JSON Value: {debug_string(doc)} No values in 'instances' array")
         return PredictInputs(_from_instances(instances, infos, may_hold_bools), ROW)
@@ -467,8 +452,8 @@ def _leaves(array: np.ndarray, name: str) -> tuple[list, object]:
         if name.endswith("_bytes"):
             return items, _write_b64_run
         return [bytes_string(v) for v in items], PrettyWriter.raw_run
-    if kind == "f" and array.dtype in (np.float32, np.float64, np.float16):
-        return format_floats(flat.astype(np.float32) if array.dtype == np.float16 else flat), PrettyWriter.raw_run
+    if array.dtype in (np.float32, np.float64):
+        return format_floats(flat), PrettyWriter.raw_run
     if kind == "b":
         return ["true" if v else "false" for v in flat.tolist()], PrettyWriter.raw_run
     if kind in "iu" and array.dtype != np.uint16:

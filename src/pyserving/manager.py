@@ -141,8 +141,6 @@ class ModelManager:
 
     def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
         """Statuses, highest version first, END versions included."""
-        if not name:
-            raise invalid_argument("ModelSpec has no name specified.")
         versions = self._models.get(name)
         if not versions:
             raise not_found(f"Could not find any versions of model {name}")

@@ -10,6 +10,7 @@ bodies for some early errors) are easier to reproduce with two regexes.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import VersionStatus
 
+log = logging.getLogger("pyserving")
+
 _V1 = re.compile(r"(?i)/v1/.*")
 _POST = re.compile(r"(?i)/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)")
 _GET = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?")
@@ -34,10 +37,8 @@ _MAX_VERSION = 2**63 - 1
 MAX_UNCOMPRESSED_BYTES = 100 * 1024 * 1024
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
-_NOT_FOUND_PAGE = (
-    "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1>"
-    "<p>The requested URL {path} was not found on this server.</p></body></html>"
-)
+# libevent's default error page, which TF Serving returns for paths outside /v1/.
+_NOT_FOUND_PAGE = b"<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n</BODY></HTML>\n"
 
 
 class _EmptyBodyError(Exception):
@@ -53,13 +54,16 @@ class RestApi:
         self._timeout_ms = timeout_ms
 
     async def __call__(self, scope, receive, send) -> None:
+        """ASGI entry point."""
         if scope["type"] != "http":
             return
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1").split("?", 1)[0]
+        # TF Serving matches its regexes against the still-encoded path *with* the query.
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        if scope.get("query_string"):
+            path += "?" + scope["query_string"].decode("latin-1")
         method = scope["method"]
         if not _V1.fullmatch(path):
-            await _respond(send, 404, _NOT_FOUND_PAGE.format(path=path).encode(),
-                           [(b"content-type", b"text/html; charset=ISO-8859-1")])
+            await _respond(send, 404, _NOT_FOUND_PAGE, [(b"content-type", b"text/html; charset=ISO-8859-1")])
             return
         if method == "OPTIONS":
             origin = _header(scope, b"origin")
@@ -81,6 +85,9 @@ class RestApi:
             return 400, b""
         except ServingError as exc:
             return exc.http_status, json_codec.encode_error(exc.message)
+        except Exception as exc:  # a bug must answer 500, not drop the connection
+            log.exception("Unexpected error handling %s %s", method, path)
+            return 500, json_codec.encode_error(f"Internal error: {type(exc).__name__}: {exc}")
 
     def _route(self, method: str, path: str, body: bytes) -> bytes:
         if method == "POST":
@@ -116,16 +123,14 @@ class RestApi:
 
     def _metadata(self, spec: ModelSpec) -> bytes:
         version, signature_defs = self._dataplane.signature_defs(spec, [SIGNATURE_DEF_FIELD])
-        document = {
-            "model_spec": {"name": spec.name, "signature_name": "", "version": str(version)},
-            "metadata": {SIGNATURE_DEF_FIELD: signature_def_map_json(signature_defs)},
-        }
-        return json.dumps(document, indent=1, ensure_ascii=False).encode()
+        model_spec = {"name": spec.name, "signature_name": "", "version": str(version)}
+        # Hand-assembled around two protobuf JSON dumps, exactly as TF Serving does.
+        return ('{\n"model_spec":' + _proto_json(model_spec) + ',\n"metadata": {"signature_def": '
+                + _proto_json(signature_def_map_json(signature_defs)) + "}\n}\n").encode()
 
     def _status(self, spec: ModelSpec) -> bytes:
         statuses = self._dataplane.status(spec.name, spec.version)
-        document = {"model_version_status": [status_json(s) for s in statuses]}
-        return json.dumps(document, indent=1, ensure_ascii=False).encode()
+        return _proto_json({"model_version_status": [status_json(s) for s in statuses]}).encode()
 
 
 def signature_def_map_json(signature_defs: dict[str, meta_graph_pb2.SignatureDef]) -> dict:
@@ -135,6 +140,11 @@ def signature_def_map_json(signature_defs: dict[str, meta_graph_pb2.SignatureDef
         message.signature_def[key].CopyFrom(signature)
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
+
+
+def _proto_json(document: dict) -> str:
+    """protobuf's C++ JSON printer with add_whitespace: 1-space indent, trailing newline."""
+    return json.dumps(document, indent=1, ensure_ascii=False) + "\n"
 
 
 def status_json(status: VersionStatus) -> dict:
@@ -173,17 +183,18 @@ async def _read_body(receive, encoding: bytes | None) -> bytes:
         chunks.append(message.get("body", b""))
         more = message.get("more_body", False)
     body = b"".join(chunks)
-    if encoding is not None and b"gzip" in encoding.lower():
+    if encoding is not None and b"gzip" in encoding:
         return _gunzip(body)
     return body
 
 
 def _gunzip(body: bytes) -> bytes:
+    """Gunzip with TF Serving's 100 MiB cap; like TF Serving, a body that fails becomes empty."""
     decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         data = decompressor.decompress(body, MAX_UNCOMPRESSED_BYTES + 1)
-    except zlib.error as exc:
-        raise invalid_argument(f"Failed to decompress gzip request body: {exc}") from None
+    except zlib.error:
+        return b""
     if len(data) > MAX_UNCOMPRESSED_BYTES or decompressor.unconsumed_tail:
         raise invalid_argument(
             f"Request body exceeds {MAX_UNCOMPRESSED_BYTES} bytes after gzip decompression")

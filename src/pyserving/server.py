@@ -49,21 +49,28 @@ class ModelConfig:
 
 def validate(options: Options) -> None:
     """TF Serving's start-up checks on flag combinations."""
+    if not options.model_base_path and not options.model_config_file:
+        raise StartupError("INVALID_ARGUMENT: Both server_options.model_base_path and "
+                           "server_options.model_config_file are empty!")
     if options.port == 0 and not options.grpc_socket_path:
-        raise StartupError(
-            "INVALID_ARGUMENT: Server has to expose a port or a socket. Both --port and --grpc_socket_path are unset.")
+        raise StartupError("INVALID_ARGUMENT: server_options.grpc_port is not set.")
     if options.use_alts_credentials and options.ssl_config_file:
-        raise StartupError("INVALID_ARGUMENT: ssl_config_file and use_alts_credentials are mutually exclusive.")
+        raise StartupError("INVALID_ARGUMENT: Either use_alts_credentials must be false or "
+                           "ssl_config_file must be empty.")
     if options.batching_parameters_file and not options.enable_batching:
-        raise StartupError("FAILED_PRECONDITION: --batching_parameters_file is set without --enable_batching.")
+        raise StartupError("FAILED_PRECONDITION: server_options.batching_parameters_file is set without "
+                           "setting server_options.enable_batching to true.")
     if (options.tensorflow_session_parallelism > 0 and options.tensorflow_intra_op_parallelism > 0
             and options.tensorflow_inter_op_parallelism > 0):
         raise StartupError(
-            "FAILED_PRECONDITION: Either configure tensorflow_session_parallelism or "
-            "(tensorflow_intra_op_parallelism, tensorflow_inter_op_parallelism). Both are set.")
+            "FAILED_PRECONDITION: Either configure server_options.tensorflow_session_parallelism or "
+            "(server_options.tensorflow_intra_op_parallelism, server_options.tensorflow_inter_op_parallelism) "
+            "separately. You cannot configure all.")
 
 
 def model_configs(options: Options) -> list[ModelConfig]:
+    log.info("Building single TensorFlow model file config:  model_name: %s model_base_path: %s",
+             options.model_name, options.model_base_path)
     return [ModelConfig(options.model_name, options.model_base_path)]
 
 
@@ -147,7 +154,7 @@ def _bind_grpc(server: grpc.aio.Server, address: str) -> None:
 
 async def _start_rest(options: Options, dataplane: DataPlane) -> uvicorn.Server | None:
     if options.rest_api_port == options.port:
-        log.error("--rest_api_port cannot be the same as --port. Please use a different port for "
+        log.error("server_options.http_port cannot be same as grpc_port. Please use a different port for "
                   "HTTP/REST API. Skipped exporting HTTP/REST API.")
         return None
     app = RestApi(dataplane, worker_pool(options.rest_api_num_threads, "rest"), options.rest_api_timeout_in_ms)
@@ -161,7 +168,7 @@ async def _start_rest(options: Options, dataplane: DataPlane) -> uvicorn.Server 
         sock.bind((options.host, options.rest_api_port))
     except OSError as exc:
         sock.close()
-        log.error("Failed to start HTTP Server at %s:%d: %s", options.host, options.rest_api_port, exc)
+        log.error("Failed to start HTTP Server at localhost:%d (%s)", options.rest_api_port, exc)
         return None
     sock.listen(2048)
     sock.setblocking(False)

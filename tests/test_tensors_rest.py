@@ -1,0 +1,91 @@
+"""REST tensor encoding on a model the test exports: several inputs/outputs, strings, b64, ints, bools."""
+
+import base64
+
+import pytest
+
+from conftest import post
+from models import export_kitchen
+
+
+@pytest.fixture(scope="module")
+def kitchen(start_server, tmp_path_factory):
+    base = export_kitchen(tmp_path_factory.mktemp("kitchen") / "kitchen")
+    server = start_server("--model_name=kitchen", f"--model_base_path={base}")
+    return server.rest + "/v1/models/kitchen:predict"
+
+
+def test_multiple_inputs_and_outputs_row_format(kitchen):
+    r = post(kitchen, {"instances": [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 4.0}]})
+    assert r.status_code == 200, r.text
+    assert r.content == (b'{\n    "predictions": [\n        {\n            "product": 2.0,\n            "sum": 3.0\n'
+                         b'        },\n        {\n            "product": 12.0,\n            "sum": 7.0\n        }\n'
+                         b'    ]\n}')
+
+
+def test_multiple_inputs_columnar(kitchen):
+    r = post(kitchen, {"inputs": {"a": [1.0, 3.0], "b": [2.0, 4.0]}})
+    assert r.json() == {"outputs": {"product": [2.0, 12.0], "sum": [3.0, 7.0]}}
+
+
+def test_instance_keys_must_match_inputs(kitchen):
+    r = post(kitchen, {"instances": [{"a": 1.0}]})
+    assert r.status_code == 400
+    assert r.json()["error"] == ("Failed to process element: 0 of 'instances' list. JSON object: {\n    \"a\": 1.0\n}"
+                                 " keys must be equal to: a,b")
+    plain = post(kitchen, {"instances": [1.0]})
+    assert plain.json()["error"] == ("instances is a plain list, but expecting list of objects as multiple input "
+                                     "tensors required as per tensorinfo_map")
+
+
+def test_strings_b64_int64_bool(kitchen):
+    body = {"signature_name": "types", "instances": [
+        {"text": "héllo", "count": 2**40, "flag": True},
+        {"text": {"b64": base64.b64encode(b"\x00\xffraw").decode()}, "count": -3, "flag": False},
+    ]}
+    r = post(kitchen, body)
+    assert r.status_code == 200, r.text
+    rows = r.json()["predictions"]
+    assert rows[0]["text"] == "héllo"
+    assert rows[0]["text_bytes"] == {"b64": base64.b64encode("héllo".encode()).decode()}
+    assert rows[0]["count"] == 2**41
+    assert '"count": 2199023255552' in r.text  # int64 stays an unquoted number
+    assert rows[0]["flag"] is False and rows[1]["flag"] is True
+    assert rows[0]["length"] == 6
+    assert rows[1]["text_bytes"] == {"b64": base64.b64encode(b"\x00\xffraw").decode()}
+    assert rows[1]["count"] == -6
+
+
+def test_invalid_base64_is_rejected(kitchen):
+    r = post(kitchen, {"signature_name": "types",
+                       "instances": [{"text": {"b64": "!!!"}, "count": 1, "flag": True}]})
+    assert r.status_code == 400
+    assert r.json()["error"] == ("Failed to process element: 0 key: text of 'instances' list. Error: "
+                                 "INVALID_ARGUMENT: Unable to base64 decode")
+
+
+def test_int_input_rejects_fractions_and_bools(kitchen):
+    r = post(kitchen, {"signature_name": "ints", "inputs": [1, 2.5]})
+    assert r.json()["error"] == "JSON Value: 2.5 Type: Number is not of expected type: int32"
+    assert post(kitchen, {"signature_name": "ints", "inputs": [1, 2]}).json() == {"outputs": [2, 3]}
+
+
+def test_float_formatting_matches_tf_serving(kitchen):
+    r = post(kitchen, {"signature_name": "floats", "inputs": [1.0, 3.0]})
+    assert r.status_code == 200
+    assert r.json() == {"outputs": {"scaled": [9e6, 2.7e7], "third": [0.333333343, 1.0], "tiny": [1e-05, 3e-05]}}
+    text = r.text
+    assert "0.333333343" in text and "9e+06" in text and "2.7e+07" in text and "1e-05" in text
+    doubles = post(kitchen, {"signature_name": "doubles", "inputs": [1.0]})
+    assert "0.33333333333333331" in doubles.text
+
+
+def test_scalar_columnar_and_rank0_row_error(kitchen):
+    assert post(kitchen, {"signature_name": "floats", "inputs": 3.0}).content == (
+        b'{\n    "outputs": {\n        "scaled": 2.7e+07,\n        "third": 1.0,\n        "tiny": 3e-05\n    }\n}')
+
+
+def test_unsupported_output_dtype_is_400(kitchen):
+    r = post(kitchen, {"signature_name": "half", "inputs": [1.0]})
+    assert r.status_code == 400
+    assert r.json() == {"error": "Failed to write JSON value for tensor type: half"}
