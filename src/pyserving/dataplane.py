@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
 
 from pyserving import tensors
 from pyserving.errors import Code, ServingError, invalid_argument
@@ -69,8 +70,8 @@ class DataPlane:
         arrays = servable.run(signature, feeds, aliases, timeout_ms)
         return PredictResult(spec.name, version, key, dict(zip(aliases, arrays)))
 
-    def signature_defs(self, spec: ModelSpec, fields: list[str]
-                       ) -> tuple[int, dict[str, meta_graph_pb2.SignatureDef]]:
+    def signature_def_map(self, spec: ModelSpec, fields: list[str]
+                          ) -> tuple[int, get_model_metadata_pb2.SignatureDefMap]:
         """GetModelMetadata: only the `signature_def` field exists."""
         if not fields:
             raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
@@ -79,7 +80,10 @@ class DataPlane:
                 # TF Serving's message really reads like this (a literal "%s", name appended).
                 raise invalid_argument(f"Metadata field %s is not supported{field}")
         version, servable = self.servable(spec)
-        return version, servable.signature_defs
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, signature in servable.signature_defs.items():
+            signature_map.signature_def[key].CopyFrom(signature)
+        return version, signature_map
 
     def status(self, name: str, version: int | None) -> list[VersionStatus]:
         return self._manager.status(name, version)

@@ -33,8 +33,12 @@ def _spec(proto: model_pb2.ModelSpec) -> ModelSpec:
     )
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: ServingError):
-    await context.abort(error.grpc_code, error.grpc_message)
+async def _unary(pool: ThreadPoolExecutor, fn, request, context: grpc.aio.ServicerContext):
+    """Run a handler on a worker thread; a ServingError becomes the RPC status."""
+    try:
+        return await run_sync(pool, fn, request)
+    except ServingError as exc:
+        await context.abort(exc.grpc_code, exc.grpc_message)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -44,10 +48,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._tensor_content = tensor_content
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        try:
-            return await run_sync(self._pool, self._predict, request)
-        except ServingError as exc:
-            await _abort(context, exc)
+        return await _unary(self._pool, self._predict, request, context)
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         if not request.HasField("model_spec"):
@@ -64,19 +65,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):
-        try:
-            return await run_sync(self._pool, self._metadata, request)
-        except ServingError as exc:
-            await _abort(context, exc)
+        return await _unary(self._pool, self._metadata, request, context)
 
     def _metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest):
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
         spec = _spec(request.model_spec)
-        version, signature_defs = self._dataplane.signature_defs(spec, list(request.metadata_field))
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for key, signature in signature_defs.items():
-            signature_map.signature_def[key].CopyFrom(signature)
+        version, signature_map = self._dataplane.signature_def_map(spec, list(request.metadata_field))
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = spec.name
         response.model_spec.version.CopyFrom(wrappers_pb2.Int64Value(value=version))
@@ -111,10 +106,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self._pool = pool
 
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
-        try:
-            return await run_sync(self._pool, self._status, request)
-        except ServingError as exc:
-            await _abort(context, exc)
+        return await _unary(self._pool, self._status, request, context)
 
     def _status(self, request: get_model_status_pb2.GetModelStatusRequest):
         if not request.HasField("model_spec"):

@@ -17,8 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 from google.protobuf import json_format
-from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
 
 from pyserving import json_codec
 from pyserving.concurrency import run_sync
@@ -122,24 +120,17 @@ class RestApi:
         return json_codec.encode_predict(result.outputs, inputs.format)
 
     def _metadata(self, spec: ModelSpec) -> bytes:
-        version, signature_defs = self._dataplane.signature_defs(spec, [SIGNATURE_DEF_FIELD])
+        version, signature_map = self._dataplane.signature_def_map(spec, [SIGNATURE_DEF_FIELD])
         model_spec = {"name": spec.name, "signature_name": "", "version": str(version)}
         # Hand-assembled around two protobuf JSON dumps, exactly as TF Serving does.
         return ('{\n"model_spec":' + _proto_json(model_spec) + ',\n"metadata": {"signature_def": '
-                + _proto_json(signature_def_map_json(signature_defs)) + "}\n}\n").encode()
+                + _proto_json(json_format.MessageToDict(signature_map, preserving_proto_field_name=True,
+                                                        always_print_fields_with_no_presence=True))
+                + "}\n}\n").encode()
 
     def _status(self, spec: ModelSpec) -> bytes:
         statuses = self._dataplane.status(spec.name, spec.version)
         return _proto_json({"model_version_status": [status_json(s) for s in statuses]}).encode()
-
-
-def signature_def_map_json(signature_defs: dict[str, meta_graph_pb2.SignatureDef]) -> dict:
-    """A SignatureDefMap as protobuf's JSON printer writes it (snake_case, defaults printed)."""
-    message = get_model_metadata_pb2.SignatureDefMap()
-    for key, signature in signature_defs.items():
-        message.signature_def[key].CopyFrom(signature)
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
 
 
 def _proto_json(document: dict) -> str:

@@ -23,7 +23,7 @@ import uvloop
 from pyserving import grpc_api
 from pyserving.concurrency import worker_pool
 from pyserving.dataplane import DataPlane
-from pyserving.errors import Code, ServingError
+from pyserving.errors import ServingError
 from pyserving.flags import Options
 from pyserving.manager import ModelManager, RetryPolicy, State
 from pyserving.rest_api import RestApi
