@@ -41,9 +41,16 @@ class _Kitchen(tf.Module):
         return {"y": tf.cast(x, tf.float16)}
 
 
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="n")])
+    def slow(self, n):
+        """Counts to n in a graph loop: seconds of CPU for n in the millions."""
+        return {"count": tf.while_loop(lambda i: i < n, lambda i: i + 1, [tf.constant(0, tf.int64)])[0]}
+
+
 def export_kitchen(base: Path) -> Path:
     module = _Kitchen()
-    signatures = {name: getattr(module, name) for name in ("two", "types", "floats", "doubles", "ints", "half")}
+    names = ("two", "types", "floats", "doubles", "ints", "half", "slow")
+    signatures = {name: getattr(module, name) for name in names}
     signatures["serving_default"] = module.two
     tf.saved_model.save(module, str(base / "1"), signatures=signatures)
     return base

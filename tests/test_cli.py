@@ -101,3 +101,19 @@ def test_no_numeric_version_and_no_polling_fails_clearly(tmp_path):
     assert ("No versions of servable empty found under base path "
             f"{tmp_path}. Did you forget to name your leaf directory as a number (eg. '/1/')?") in result.stderr
     assert result.stdout.startswith("Failed to start server. Error: NOT_FOUND: No versions of servable empty")
+
+
+def test_unknown_saved_model_tags_fail_the_load():
+    result = run_cli("--model_name=m", f"--model_base_path={HALF_PLUS_TWO}", "--saved_model_tags=gpu",
+                     "--max_num_load_retries=0", "--port=0", "--grpc_socket_path=/tmp/pyserving-tags.sock")
+    assert result.returncode == 255
+    assert result.stdout.startswith("Failed to start server. Error: UNKNOWN: 1 servable(s) did not become "
+                                    "available: {{name: m version: 123} due to error: ")
+    assert "gpu" in result.stdout
+
+
+def test_unknown_argument_is_reported_and_startup_continues():
+    result = run_cli("--bogus=1", "--port=0", "--rest_api_port=0")
+    assert result.stdout.startswith("unknown argument: --bogus=1\nusage: tensorflow_model_server\n")
+    assert "Both server_options.model_base_path" in result.stdout  # it went on to start-up checks
+    assert result.returncode == 255

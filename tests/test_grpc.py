@@ -185,3 +185,16 @@ def test_omitted_input_uses_signature_defaults(start_server):
         stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
         response = stub.Predict(predict_pb2.PredictRequest(model_spec={"name": "tf2"}), timeout=30)
     assert list(response.outputs["y"].float_val) == [2.0]
+
+
+def test_signature_method_name_check(start_server):
+    server = start_server("--model_name=m", f"--model_base_path={HALF_PLUS_TWO}",
+                          "--enable_signature_method_name_check=true")
+    with grpc.insecure_channel(server.grpc) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        request = predict_request("m", signature_name="regress_x2_to_y3")
+        request.inputs["inputs"].CopyFrom(request.inputs.pop("x"))
+        expect_error(stub.Predict, request, grpc.StatusCode.INTERNAL,
+                     "Expected prediction signature method_name to be one of {tensorflow/serving/predict, "
+                     "tensorflow/serving/classify, tensorflow/serving/regress}. Was: tensorflow/serving/regress")
+        assert list(stub.Predict(predict_request("m"), timeout=30).outputs["y"].float_val) == [2.5, 3.0, 4.5]

@@ -99,6 +99,7 @@ def test_sigterm_exits_zero_and_logs(start_server):
     output = server.output()
     assert "Running gRPC ModelServer at 127.0.0.1:" in output
     assert "Exporting HTTP/REST API at:localhost:" in output
-    assert ("Flag --enable_batching is accepted but not implemented yet in pyserving (planned: batching (#8)); "
-            "it has no effect.") in output
+    assert ("Flag --enable_batching is accepted but has no effect in this pyserving release "
+            "(batching (#8)).") in output
+    assert "Flag --port is accepted" not in output
     assert server.stop() == 0

@@ -89,3 +89,15 @@ def test_unsupported_output_dtype_is_400(kitchen):
     r = post(kitchen, {"signature_name": "half", "inputs": [1.0]})
     assert r.status_code == 400
     assert r.json() == {"error": "Failed to write JSON value for tensor type: half"}
+
+
+def test_rest_timeout_answers_504(start_server, tmp_path):
+    base = export_kitchen(tmp_path / "kitchen")
+    server = start_server("--model_name=kitchen", f"--model_base_path={base}", "--rest_api_timeout_in_ms=300")
+    url = server.rest + "/v1/models/kitchen:predict"
+    assert post(url, {"signature_name": "slow", "inputs": {"n": 10}}).json() == {"outputs": 10}
+    r = post(url, {"signature_name": "slow", "inputs": {"n": 10**10}})
+    assert r.status_code == 504
+    assert "error" in r.json()
+    # the server is still serving afterwards
+    assert post(url, {"signature_name": "slow", "inputs": {"n": 3}}).json() == {"outputs": 3}

@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TensorFlow Library: {_tensorflow_version()}")
         return 0
     _configure_logging()
-    for name, issue in options.pending_flags():
-        log.warning("Flag --%s is accepted but not implemented yet in pyserving (planned: %s); it has no effect.",
-                    name, issue)
+    for name, reason in options.pending_flags(parsed.given):
+        log.warning("Flag --%s is accepted but has no effect in this pyserving release (%s).", name, reason)
 
     from pyserving import server
 

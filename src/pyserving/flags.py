@@ -21,7 +21,7 @@ _CPUS = os.cpu_count() or 1
 
 
 def _flag(default, kind: str, help: str, *, pending: str = "", extension: bool = False):
-    """A flag field. `pending` names the issue that will implement a flag accepted but not yet honoured."""
+    """A flag field. `pending` says why a flag that is accepted is not honoured (or which issue will)."""
     return field(default=default, metadata={"kind": kind, "help": help, "pending": pending,
                                             "extension": extension})
 
@@ -74,9 +74,11 @@ class Options:
                                     pending="model lifecycle (#3)")
     max_num_load_retries: int = _flag(5, INT32, "Retries after a failed load (0 = one attempt)")
     load_retry_interval_micros: int = _flag(60_000_000, INT64, "Wait between load retries in microseconds")
-    flush_filesystem_caches: bool = _flag(True, "bool", "Flush filesystem caches after loads (no effect in pyserving)")
+    flush_filesystem_caches: bool = _flag(True, "bool", "Flush filesystem caches after loads",
+                                          pending="not applicable (no TF filesystem cache to flush)")
     remove_unused_fields_from_bundle_metagraph: bool = _flag(
-        True, "bool", "Strip unneeded MetaGraphDef fields after load (no effect in pyserving)")
+        True, "bool", "Strip unneeded MetaGraphDef fields after load",
+        pending="not applicable (pyserving keeps only the signatures)")
     # Batching
     enable_batching: bool = _flag(False, "bool", "Batch concurrent requests", pending="batching (#8)")
     batching_parameters_file: str = _flag("", "string", "Text-format BatchingParameters", pending="batching (#8)")
@@ -84,7 +86,8 @@ class Options:
         False, "bool", "Read batching_params.pbtxt from each version folder", pending="batching (#8)")
     # Monitoring and profiling
     monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig", pending="operations (#5)")
-    enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service (no effect in pyserving)")
+    enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service",
+                                  pending="not planned (no TF profiler service)")
     # Security
     ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS", pending="operations (#5)")
     use_alts_credentials: bool = _flag(False, "bool", "Use Google ALTS credentials", pending="not planned")
@@ -98,7 +101,8 @@ class Options:
     mixed_precision: str = _flag("", "string", "Automatic mixed precision, e.g. bfloat16", pending="not planned")
     enable_serialization_as_tensor_content: bool = _flag(
         False, "bool", "gRPC Predict responses use tensor_content instead of *_val fields")
-    skip_initialize_tpu: bool = _flag(False, "bool", "TPU builds only (no effect)")
+    skip_initialize_tpu: bool = _flag(False, "bool", "Whether to skip auto initializing TPU",
+                                      pending="not applicable (TPU builds only)")
     # Warmup and misc
     enable_model_warmup: bool = _flag(True, "bool", "Replay assets.extra/tf_serving_warmup_requests at load",
                                       pending="model lifecycle (#3)")
@@ -117,13 +121,10 @@ class Options:
         inter = self.tensorflow_inter_op_parallelism or self.tensorflow_session_parallelism
         return intra, inter
 
-    def pending_flags(self) -> list[tuple[str, str]]:
-        """Flags set away from their default that this build accepts but does not implement yet."""
-        return [
-            (f.name, f.metadata["pending"])
-            for f in dataclasses.fields(self)
-            if f.metadata["pending"] and getattr(self, f.name) != f.default
-        ]
+    def pending_flags(self, given: set[str]) -> list[tuple[str, str]]:
+        """Flags on the command line that this build accepts but does not honour, with the reason."""
+        return [(f.name, f.metadata["pending"]) for f in dataclasses.fields(self)
+                if f.metadata["pending"] and f.name in given]
 
 
 class UsageError(Exception):
@@ -134,6 +135,7 @@ class UsageError(Exception):
 class ParseResult:
     options: Options
     unknown: list[str]
+    given: set[str]
 
 
 _INT_RANGES = {INT32: (-(2**31), 2**31 - 1), INT64: (-(2**63), 2**63 - 1)}
@@ -166,6 +168,7 @@ def parse(argv: list[str]) -> ParseResult:
     fields = {f.name: f for f in dataclasses.fields(Options)}
     options = Options()
     unknown: list[str] = []
+    given: set[str] = set()
     for arg in argv:
         if arg == "--help":
             raise UsageError("")
@@ -176,7 +179,8 @@ def parse(argv: list[str]) -> ParseResult:
             continue
         value = _convert(spec.metadata["kind"], name, text) if has_value else True
         setattr(options, name, value)
-    return ParseResult(options, unknown)
+        given.add(name)
+    return ParseResult(options, unknown, given)
 
 
 def usage(program: str = "tensorflow_model_server") -> str:
