@@ -176,6 +176,14 @@ def test_strings_and_defaults_over_grpc(start_server, tmp_path):
         assert list(response.outputs["text"].string_val) == [b"ab", b"\xffz"]
         assert list(response.outputs["length"].int_val) == [2, 2]
 
+        slow = predict_pb2.PredictRequest(model_spec={"name": "kitchen", "signature_name": "slow"})
+        slow.inputs["n"].CopyFrom(tf.make_tensor_proto(10**10, dtype=tf.int64))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(slow, timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        slow.inputs["n"].CopyFrom(tf.make_tensor_proto(5, dtype=tf.int64))
+        assert list(stub.Predict(slow, timeout=30).outputs["count"].int64_val) == [5]
+
 
 def test_omitted_input_uses_signature_defaults(start_server):
     # The TF2 test model's serving_default declares defaults {x: [0.0]}: TF Serving lets a client omit x.

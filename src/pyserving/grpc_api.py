@@ -7,6 +7,8 @@ issues implement answer UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -33,6 +35,18 @@ def _spec(proto: model_pb2.ModelSpec) -> ModelSpec:
     )
 
 
+def _session_timeout_ms(remaining_s: float | None) -> int:
+    """The RPC deadline as a TF session timeout, like TF Serving (0 = none).
+
+    Rounded up to a power of two milliseconds: the runtime caches one callable per
+    timeout value, and exact deadlines would make that cache useless.
+    """
+    if remaining_s is None:
+        return 0
+    millis = max(math.ceil(remaining_s * 1000), 1)
+    return 1 << (millis - 1).bit_length()
+
+
 async def _unary(pool: ThreadPoolExecutor, fn, request, context: grpc.aio.ServicerContext):
     """Run a handler on a worker thread; a ServingError becomes the RPC status."""
     try:
@@ -48,14 +62,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._tensor_content = tensor_content
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        return await _unary(self._pool, self._predict, request, context)
+        timeout_ms = _session_timeout_ms(context.time_remaining())
+        return await _unary(self._pool, functools.partial(self._predict, timeout_ms=timeout_ms), request, context)
 
-    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
         spec = _spec(request.model_spec)
         inputs = {alias: tensors.to_ndarray(proto, alias) for alias, proto in request.inputs.items()}
-        result = self._dataplane.predict(spec, inputs, list(request.output_filter))
+        result = self._dataplane.predict(spec, inputs, list(request.output_filter), timeout_ms)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = result.name
         response.model_spec.version.value = result.version
