@@ -20,10 +20,9 @@ INT64 = "int64"
 _CPUS = os.cpu_count() or 1
 
 
-def _flag(default, kind: str, help: str, *, pending: str = "", extension: bool = False):
+def _flag(default, kind: str, help: str, *, pending: str = ""):
     """A flag field. `pending` says why a flag that is accepted is not honoured (or which issue will)."""
-    return field(default=default, metadata={"kind": kind, "help": help, "pending": pending,
-                                            "extension": extension})
+    return field(default=default, metadata={"kind": kind, "help": help, "pending": pending})
 
 
 @dataclass
@@ -110,7 +109,7 @@ class Options:
                                                    pending="model lifecycle (#3)")
     version: bool = _flag(False, "bool", "Display version and exit")
     # pyserving extensions
-    host: str = _flag("0.0.0.0", "string", "pyserving: address the gRPC and REST listeners bind to", extension=True)
+    host: str = _flag("0.0.0.0", "string", "pyserving: address the gRPC and REST listeners bind to")
 
     def saved_model_tag_list(self) -> list[str]:
         return [t for t in self.saved_model_tags.split(",") if t]

@@ -59,10 +59,9 @@ class PrettyWriter:
                 self.raw(t)
             return
         self._prefix()
-        level = self._stack[-1]
         sep = ", " if self.single_line else ",\n" + _INDENT * len(self._stack)
-        self.parts.append(texts[0] if len(texts) == 1 else sep.join(texts))
-        level[1] += len(texts) - 1
+        self.parts.append(sep.join(texts))
+        self._stack[-1][1] += len(texts) - 1
 
     def key(self, name: str) -> None:
         self.raw(json_string(name))

@@ -42,7 +42,6 @@ class VersionStatus:
 @dataclass
 class _Version:
     status: VersionStatus
-    path: str
     servable: Servable | None = None
 
 
@@ -73,7 +72,7 @@ class ModelManager:
 
     def load(self, name: str, version: int, path: str, loader: Loader) -> VersionStatus:
         """Load one version (blocking, retried per policy); it serves once AVAILABLE."""
-        record = _Version(VersionStatus(version, State.START), path)
+        record = _Version(VersionStatus(version, State.START))
         with self._lock:
             self._models.setdefault(name, {})[version] = record
         log.info("Loading servable version {name: %s version: %d}", name, version)

@@ -130,7 +130,7 @@ class RestApi:
 
     def _status(self, spec: ModelSpec) -> bytes:
         statuses = self._dataplane.status(spec.name, spec.version)
-        return _proto_json({"model_version_status": [status_json(s) for s in statuses]}).encode()
+        return _proto_json({"model_version_status": [_status_json(s) for s in statuses]}).encode()
 
 
 def _proto_json(document: dict) -> str:
@@ -138,7 +138,7 @@ def _proto_json(document: dict) -> str:
     return json.dumps(document, indent=1, ensure_ascii=False) + "\n"
 
 
-def status_json(status: VersionStatus) -> dict:
+def _status_json(status: VersionStatus) -> dict:
     error = status.error
     return {
         "version": str(status.version),
