@@ -501,17 +501,17 @@ def encode_predict(outputs: dict[str, np.ndarray], fmt: str) -> bytes:
         writer.key("predictions")
         writer.start_array()
         as_objects = len(names) > 1
-        leaves = {name: _leaves(outputs[name], name) for name in names}
+        rows = []  # per output: (name, leaf items, run writer, row shape, leaves per row)
+        for name in names:
+            inner = outputs[name].shape[1:]
+            rows.append((name, *_leaves(outputs[name], name), inner, int(np.prod(inner, dtype=np.int64))))
         for item in range(batch):
             if as_objects:
                 writer.start_object()
             writer.single_line = True
-            for name in names:
+            for name, items, write_run, inner, per_row in rows:
                 if as_objects:
                     writer.key(name)
-                items, write_run = leaves[name]
-                inner = outputs[name].shape[1:]
-                per_row = int(np.prod(inner, dtype=np.int64))
                 _write_nested(writer, items[item * per_row:(item + 1) * per_row], inner, write_run)
             writer.single_line = False
             if as_objects:

@@ -23,6 +23,8 @@ from pyserving.concurrency import run_sync
 from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import VersionStatus
+from pyserving.servable import DEFAULT_SIGNATURE
+from pyserving.sources import parse_version
 
 log = logging.getLogger("pyserving")
 
@@ -30,7 +32,6 @@ _V1 = re.compile(r"(?i)/v1/.*")
 _POST = re.compile(r"(?i)/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)")
 _GET = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?")
 _ORIGIN = re.compile(r"https?://.*")
-_MAX_VERSION = 2**63 - 1
 # TF Serving's limit on a gunzipped request body.
 MAX_UNCOMPRESSED_BYTES = 100 * 1024 * 1024
 
@@ -111,7 +112,7 @@ class RestApi:
         doc = json_codec.parse_object(body)
         signature_key = json_codec.signature_name(doc)
         target = self._dataplane.servable(spec)
-        signature = target[1].signature_defs.get(signature_key or "serving_default")
+        signature = target[1].signature_defs.get(signature_key or DEFAULT_SIGNATURE)
         if signature is None:
             raise invalid_argument(f'Serving signature name: "{signature_key}" not found in signature def')
         inputs = json_codec.decode_predict(doc, signature, signature_key, body)
@@ -153,8 +154,8 @@ def _status_json(status: VersionStatus) -> dict:
 def _model_spec(name: str, version: str | None, label: str | None) -> ModelSpec:
     number = None
     if version is not None:
-        number = int(version)
-        if number > _MAX_VERSION:
+        number = parse_version(version)
+        if number is None:  # does not fit int64
             raise _EmptyBodyError()
     return ModelSpec(unquote(name), number, unquote(label) if label is not None else None)
 
