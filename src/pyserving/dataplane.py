@@ -16,7 +16,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from pyserving import tensors
 from pyserving.errors import Code, ServingError, invalid_argument
-from pyserving.manager import ModelManager, VersionStatus
+from pyserving.manager import Lease, ModelManager, VersionStatus
 from pyserving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, PREDICT_METHOD, REGRESS_METHOD, Servable
 
 SIGNATURE_DEF_FIELD = "signature_def"
@@ -43,8 +43,9 @@ class DataPlane:
         self._manager = manager
         self._method_name_check = method_name_check
 
-    def servable(self, spec: ModelSpec) -> tuple[int, Servable]:
-        return self._manager.servable(spec.name, spec.version, spec.label)
+    def lease(self, spec: ModelSpec) -> Lease:
+        """The servable `spec` targets, held until the `with` block ends."""
+        return self._manager.lease(spec.name, spec.version, spec.label)
 
     def predict(
         self,
@@ -54,8 +55,11 @@ class DataPlane:
         timeout_ms: int = 0,
         target: tuple[int, Servable] | None = None,
     ) -> PredictResult:
-        """Run a predict signature; `target` skips the lookup when the caller already resolved it."""
-        version, servable = target or self.servable(spec)
+        """Run a predict signature; `target` is a (version, servable) the caller already holds."""
+        if target is None:
+            with self.lease(spec) as leased:
+                return self.predict(spec, inputs, output_filter, timeout_ms, leased)
+        version, servable = target
         key = spec.signature_name or DEFAULT_SIGNATURE
         signature = servable.signature_defs.get(key)
         if signature is None:
@@ -79,10 +83,10 @@ class DataPlane:
             if field != SIGNATURE_DEF_FIELD:
                 # TF Serving's message really reads like this (a literal "%s", name appended).
                 raise invalid_argument(f"Metadata field %s is not supported{field}")
-        version, servable = self.servable(spec)
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for key, signature in servable.signature_defs.items():
-            signature_map.signature_def[key].CopyFrom(signature)
+        with self.lease(spec) as (version, servable):
+            signature_map = get_model_metadata_pb2.SignatureDefMap()
+            for key, signature in servable.signature_defs.items():
+                signature_map.signature_def[key].CopyFrom(signature)
         return version, signature_map
 
     def status(self, name: str, version: int | None) -> list[VersionStatus]:

@@ -53,24 +53,19 @@ class Options:
     enable_signature_method_name_check: bool = _flag(
         False, "bool", "Require predict/classify/regress APIs to match the signature's method_name")
     # Config files and polling
-    model_config_file: str = _flag("", "string", "Text-format ModelServerConfig; overrides --model_name/--model_base_path",
-                                   pending="model lifecycle (#3)")
-    model_config_file_poll_wait_seconds: int = _flag(0, INT32, "Re-read --model_config_file every N seconds (0 = once)",
-                                                     pending="model lifecycle (#3)")
+    model_config_file: str = _flag("", "string", "Text-format ModelServerConfig; overrides --model_name/--model_base_path")
+    model_config_file_poll_wait_seconds: int = _flag(0, INT32, "Re-read --model_config_file every N seconds (0 = once)")
     file_system_poll_wait_seconds: int = _flag(1, INT32, "Seconds between polls of the base path for new versions")
     platform_config_file: str = _flag("", "string", "Text-format PlatformConfigMap", pending="not planned")
     allow_version_labels_for_unavailable_models: bool = _flag(
-        False, "bool", "Allow assigning a new label to a version that is not yet available",
-        pending="model lifecycle (#3)")
+        False, "bool", "Allow assigning a new label to a version that is not yet available")
     tensorflow_session_config_file: str = _flag("", "string", "Text-format TF ConfigProto for sessions",
                                                 pending="not planned")
     thread_pool_factory_config_file: str = _flag("", "string", "Text-format ThreadPoolFactoryConfig",
                                                  pending="not planned")
     # Loading and unloading
-    num_load_threads: int = _flag(0, INT32, "Threads for loading versions after the initial load (0 = serial)",
-                                  pending="model lifecycle (#3)")
-    num_unload_threads: int = _flag(0, INT32, "Threads for unloading versions (0 = serial)",
-                                    pending="model lifecycle (#3)")
+    num_load_threads: int = _flag(0, INT32, "Threads for loading versions after the initial load (0 = serial)")
+    num_unload_threads: int = _flag(0, INT32, "Threads for unloading versions (0 = serial)")
     max_num_load_retries: int = _flag(5, INT32, "Retries after a failed load (0 = one attempt)")
     load_retry_interval_micros: int = _flag(60_000_000, INT64, "Wait between load retries in microseconds")
     flush_filesystem_caches: bool = _flag(True, "bool", "Flush filesystem caches after loads",
@@ -103,10 +98,8 @@ class Options:
     skip_initialize_tpu: bool = _flag(False, "bool", "Whether to skip auto initializing TPU",
                                       pending="not applicable (TPU builds only)")
     # Warmup and misc
-    enable_model_warmup: bool = _flag(True, "bool", "Replay assets.extra/tf_serving_warmup_requests at load",
-                                      pending="model lifecycle (#3)")
-    num_request_iterations_for_warmup: int = _flag(0, INT32, "Replays per warmup record (0 = 1)",
-                                                   pending="model lifecycle (#3)")
+    enable_model_warmup: bool = _flag(True, "bool", "Replay assets.extra/tf_serving_warmup_requests at load")
+    num_request_iterations_for_warmup: int = _flag(0, INT32, "Replays per warmup record (0 = 1)")
     version: bool = _flag(False, "bool", "Display version and exit")
     # pyserving extensions
     host: str = _flag("0.0.0.0", "string", "pyserving: address the gRPC and REST listeners bind to")

@@ -8,21 +8,25 @@ issues implement answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf import wrappers_pb2
 from tensorflow_serving.apis import (
-    get_model_metadata_pb2, get_model_status_pb2, model_pb2, model_service_pb2_grpc, predict_pb2,
-    prediction_service_pb2_grpc, status_pb2,
+    get_model_metadata_pb2, get_model_status_pb2, model_management_pb2, model_pb2, model_service_pb2_grpc,
+    predict_pb2, prediction_service_pb2_grpc, status_pb2,
 )
 
-from pyserving import tensors
+from pyserving import model_config, tensors
 from pyserving.concurrency import run_sync
 from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
 from pyserving.errors import ServingError, invalid_argument
 from pyserving.manager import VersionStatus
+from pyserving.server_core import ServerCore
+
+log = logging.getLogger("pyserving")
 
 
 def _spec(proto: model_pb2.ModelSpec) -> ModelSpec:
@@ -116,8 +120,9 @@ def _version_status(status: VersionStatus) -> get_model_status_pb2.ModelVersionS
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor) -> None:
-        self._dataplane = dataplane
+    def __init__(self, core: ServerCore, pool: ThreadPoolExecutor) -> None:
+        self._core = core
+        self._dataplane = core.dataplane
         self._pool = pool
 
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
@@ -131,13 +136,25 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return get_model_status_pb2.GetModelStatusResponse(
             model_version_status=[_version_status(s) for s in statuses])
 
-    async def HandleReloadConfigRequest(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "HandleReloadConfigRequest is not implemented yet in pyserving")
+    async def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):
+        return await _unary(self._pool, self._reload, request, context)
+
+    def _reload(self, request: model_management_pb2.ReloadConfigRequest) -> model_management_pb2.ReloadConfigResponse:
+        if request.config.WhichOneof("config") != "model_config_list":
+            raise invalid_argument("ServerModelConfig type not supported by HandleReloadConfigRequest. Only "
+                                   "ModelConfigList is currently supported")
+        for index, entry in enumerate(request.config.model_config_list.config):
+            log.info("\nConfig entry\n\tindex : %d\n\tpath : %s\n\tname : %s\n\tplatform : %s",
+                     index, entry.base_path, entry.name, entry.model_platform)
+        try:
+            self._core.reload(model_config.from_proto(request.config))
+        except ServingError as exc:
+            log.error("ReloadConfig failed: %s", exc.message)
+            raise
+        return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto())
 
 
-def add_services(server: grpc.aio.Server, dataplane: DataPlane, pool: ThreadPoolExecutor,
-                 tensor_content: bool) -> None:
+def add_services(server: grpc.aio.Server, core: ServerCore, pool: ThreadPoolExecutor, tensor_content: bool) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(dataplane, pool, tensor_content), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(dataplane, pool), server)
+        PredictionService(core.dataplane, pool, tensor_content), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core, pool), server)

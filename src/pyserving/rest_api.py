@@ -111,13 +111,13 @@ class RestApi:
     def _predict(self, spec: ModelSpec, body: bytes) -> bytes:
         doc = json_codec.parse_object(body)
         signature_key = json_codec.signature_name(doc)
-        target = self._dataplane.servable(spec)
-        signature = target[1].signature_defs.get(signature_key or DEFAULT_SIGNATURE)
-        if signature is None:
-            raise invalid_argument(f'Serving signature name: "{signature_key}" not found in signature def')
-        inputs = json_codec.decode_predict(doc, signature, signature_key, body)
-        spec = ModelSpec(spec.name, spec.version, spec.label, signature_key)
-        result = self._dataplane.predict(spec, inputs.tensors, timeout_ms=self._timeout_ms, target=target)
+        with self._dataplane.lease(spec) as target:
+            signature = target[1].signature_defs.get(signature_key or DEFAULT_SIGNATURE)
+            if signature is None:
+                raise invalid_argument(f'Serving signature name: "{signature_key}" not found in signature def')
+            inputs = json_codec.decode_predict(doc, signature, signature_key, body)
+            spec = ModelSpec(spec.name, spec.version, spec.label, signature_key)
+            result = self._dataplane.predict(spec, inputs.tensors, timeout_ms=self._timeout_ms, target=target)
         return json_codec.encode_predict(result.outputs, inputs.format)
 
     def _metadata(self, spec: ModelSpec) -> bytes:

@@ -9,12 +9,9 @@ unloaded and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import signal
 import socket
-import time
-from dataclasses import dataclass
 
 import grpc
 import uvicorn
@@ -25,10 +22,8 @@ from pyserving.concurrency import worker_pool
 from pyserving.dataplane import DataPlane
 from pyserving.errors import ServingError
 from pyserving.flags import Options
-from pyserving.manager import ModelManager, RetryPolicy, State
 from pyserving.rest_api import RestApi
-from pyserving.runtimes.tf_saved_model import SavedModelServable, session_config
-from pyserving.sources import VersionPolicy, aspired_versions, list_versions
+from pyserving.server_core import ServerCore, initial_configs
 
 log = logging.getLogger("pyserving")
 
@@ -38,13 +33,6 @@ _SHUTDOWN_GRACE_S = 30.0
 
 class StartupError(Exception):
     """A start-up failure: printed as `Failed to start server. Error: ...`, exit 255."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str
-    base_path: str
-    policy: VersionPolicy = VersionPolicy()
 
 
 def validate(options: Options) -> None:
@@ -68,44 +56,8 @@ def validate(options: Options) -> None:
             "separately. You cannot configure all.")
 
 
-def model_configs(options: Options) -> list[ModelConfig]:
-    log.info("Building single TensorFlow model file config:  model_name: %s model_base_path: %s",
-             options.model_name, options.model_base_path)
-    return [ModelConfig(options.model_name, options.model_base_path)]
-
-
-def _wait_for_versions(config: ModelConfig, poll_wait_s: int) -> dict[int, str]:
-    """Poll the base path until it holds a version folder (TF Serving waits forever too)."""
-    while True:
-        found = list_versions(config.name, config.base_path)
-        if found:
-            return found
-        if poll_wait_s <= 0:
-            raise StartupError(
-                f"NOT_FOUND: No versions of servable {config.name} found under base path {config.base_path} "
-                "and --file_system_poll_wait_seconds does not poll again.")
-        time.sleep(poll_wait_s)
-
-
-def load_initial_models(manager: ModelManager, options: Options) -> None:
-    intra, inter = options.parallelism()
-    loader = functools.partial(SavedModelServable, tags=options.saved_model_tag_list(),
-                               config=session_config(intra, inter))
-    failures: list[tuple[str, int, ServingError]] = []
-    for config in model_configs(options):
-        manager.add_model(config.name)
-        found = _wait_for_versions(config, options.file_system_poll_wait_seconds)
-        for version in aspired_versions(found, config.policy):
-            status = manager.load(config.name, version, found[version], loader)
-            if status.state != State.AVAILABLE:
-                failures.append((config.name, version, status.error))
-    if failures:
-        details = "".join(f"{{name: {n} version: {v}}} due to error: {e}, " for n, v, e in failures)
-        raise StartupError(f"UNKNOWN: {len(failures)} servable(s) did not become available: {{{details}}}")
-
-
-async def _serve(options: Options, manager: ModelManager) -> None:
-    dataplane = DataPlane(manager, options.enable_signature_method_name_check)
+async def _serve(options: Options, core: ServerCore) -> None:
+    dataplane = core.dataplane
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,7 +67,7 @@ async def _serve(options: Options, manager: ModelManager) -> None:
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     ])
-    grpc_api.add_services(grpc_server, dataplane, worker_pool(options.grpc_max_threads, "grpc"),
+    grpc_api.add_services(grpc_server, core, worker_pool(options.grpc_max_threads, "grpc"),
                           options.enable_serialization_as_tensor_content)
     if options.port:
         _bind_grpc(grpc_server, f"{_grpc_host(options.host)}:{options.port}")
@@ -137,7 +89,7 @@ async def _serve(options: Options, manager: ModelManager) -> None:
         rest_server.should_exit = True
         await rest_server.shutdown()
     await grpc_server.stop(_SHUTDOWN_GRACE_S)
-    manager.unload_all()
+    core.stop()
     log.info("Server stopped")
 
 
@@ -185,15 +137,14 @@ def run(options: Options) -> int:
     """Load, serve until SIGTERM/SIGINT; return the process exit code."""
     try:
         validate(options)
-        manager = ModelManager(RetryPolicy(options.max_num_load_retries,
-                                           max(options.load_retry_interval_micros, 0) / 1e6))
-        load_initial_models(manager, options)
-    except StartupError as exc:
+        core = ServerCore(options)
+        core.start(initial_configs(options))
+    except (StartupError, ServingError) as exc:
         print(f"Failed to start server. Error: {exc}", flush=True)
         return 255
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
-            runner.run(_serve(options, manager))
+            runner.run(_serve(options, core))
         except StartupError as exc:
             print(f"Failed to start server. Error: {exc}", flush=True)
             return 255

@@ -1,23 +1,23 @@
-"""Version discovery: which numeric version folders exist under a model's base path."""
+"""Version discovery: which numeric version folders exist under each model's base path.
+
+`FileSystemSource` polls every `--file_system_poll_wait_seconds` and tells the
+manager, per model, the versions its policy aspires to; the manager does the rest.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+import threading
+import time
+
+from pyserving.errors import Code, ServingError
+from pyserving.manager import ModelManager
+from pyserving.model_config import ModelConfig, VersionPolicy
 
 log = logging.getLogger("pyserving")
 
 _MAX_VERSION = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """TF Serving's ServableVersionPolicy: latest N (default 1), all, or specific versions."""
-
-    kind: str = "latest"
-    num_versions: int = 1
-    versions: tuple[int, ...] = field(default_factory=tuple)
 
 
 def parse_version(name: str) -> int | None:
@@ -37,8 +37,8 @@ def list_versions(model_name: str, base_path: str) -> dict[int, str] | None:
         entries = os.listdir(base_path)
     except OSError as exc:
         log.error(
-            "File-system polling update: Could not find base path %s for servable %s with error %s",
-            base_path, model_name, exc.strerror or exc,
+            "FileSystemStoragePathSource encountered a filesystem access error: Could not find base path %s "
+            "for servable %s with error %s", base_path, model_name, exc.strerror or exc,
         )
         return None
     found: dict[int, str] = {}
@@ -47,8 +47,8 @@ def list_versions(model_name: str, base_path: str) -> dict[int, str] | None:
         if version is None:
             continue
         if version in found:
-            log.warning("Duplicate version directories detected. Version %d will be loaded from %s",
-                        version, found[version])
+            log.warning("Duplicate version directories detected. Version %d will be loaded from %s, %s will be "
+                        "ignored.", version, found[version], os.path.join(base_path, entry))
             continue
         found[version] = os.path.join(base_path, entry)
     if not found:
@@ -68,3 +68,73 @@ def aspired_versions(found: dict[int, str], policy: VersionPolicy) -> list[int]:
     else:
         chosen = sorted(found, reverse=True)[: max(policy.num_versions, 1)]
     return sorted(chosen, reverse=True)
+
+
+class FileSystemSource:
+    """Polls the base paths of the configured models and feeds their aspired versions to the manager.
+
+    A missing base path changes nothing (what serves keeps serving); an existing
+    one without version folders un-aspires everything, as in TF Serving.
+    """
+
+    def __init__(self, manager: ModelManager, poll_wait_s: int) -> None:
+        self._manager = manager
+        self._poll_wait_s = poll_wait_s
+        self._models: dict[str, ModelConfig] = {}
+        self._lock = threading.Lock()  # one poll or reconfiguration at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set_models(self, configs: list[ModelConfig]) -> None:
+        """Monitor exactly `configs`; models no longer listed are un-aspired, new or changed ones polled now."""
+        with self._lock:
+            old, self._models = self._models, {c.name: c for c in configs}
+            for name in old.keys() - self._models.keys():
+                self._manager.set_aspired(name, {})
+            for config in configs:
+                if old.get(config.name) != config:
+                    self._poll(config)
+
+    def wait_for_versions(self, config: ModelConfig) -> None:
+        """Start-up: poll `config` until its base path holds a version folder (TF Serving waits too)."""
+        while True:
+            with self._lock:
+                if self._poll(config):
+                    return
+            if self._poll_wait_s <= 0:
+                raise ServingError(
+                    Code.NOT_FOUND,
+                    f"No versions of servable {config.name} found under base path {config.base_path} "
+                    "and --file_system_poll_wait_seconds does not poll again.")
+            time.sleep(self._poll_wait_s)
+
+    def _poll(self, config: ModelConfig) -> bool:
+        """Look at one base path (lock held); True if it holds versions."""
+        found = list_versions(config.name, config.base_path)
+        if found is None:
+            return False
+        chosen = aspired_versions(found, config.policy)
+        if config.policy.kind == "specific":
+            for version in sorted(set(config.policy.versions) - set(chosen)):
+                log.warning("Version %d of servable %s, which was requested to be served as a 'specific' version "
+                            "in the servable's version policy, was not found in the file system",
+                            version, config.name)
+        self._manager.set_aspired(config.name, {v: found[v] for v in chosen})
+        return bool(found)
+
+    def start(self) -> None:
+        """Poll in the background every `poll_wait_s` seconds (0 or less: never again)."""
+        if self._poll_wait_s > 0:
+            self._thread = threading.Thread(target=self._run, name="fs-poll", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_wait_s):
+            with self._lock:
+                for config in list(self._models.values()):
+                    self._poll(config)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
