@@ -8,10 +8,7 @@ Usage: .venv/bin/python bench/roundtrip.py [N]
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,25 +21,8 @@ import requests  # noqa: E402
 from tensorflow.core.framework import tensor_pb2, types_pb2  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
+from _harness import pyserving  # noqa: E402
 from pyserving.examples import export_half_plus_two  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError("server did not start")
 
 
 def _time(fn, n: int) -> float:
@@ -59,13 +39,7 @@ def _time(fn, n: int) -> float:
 def main(n: int) -> None:
     base = os.path.join(tempfile.mkdtemp(prefix="pyserving-bench-"), "half_plus_two")
     export_half_plus_two(base)
-    grpc_port, rest_port = _free_port(), _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pyserving", "--host=127.0.0.1", f"--port={grpc_port}",
-                             f"--rest_api_port={rest_port}", "--model_name=half_plus_two",
-                             f"--model_base_path={base}"], stderr=subprocess.DEVNULL)
-    try:
-        _wait(grpc_port, proc)
-        _wait(rest_port, proc)
+    with pyserving("--model_name=half_plus_two", f"--model_base_path={base}") as (_, grpc_port, rest_port):
         session = requests.Session()
         url = f"http://127.0.0.1:{rest_port}/v1/models/half_plus_two:predict"
         body = b'{"instances": [[1.0], [2.0], [5.0]]}'
@@ -80,9 +54,6 @@ def main(n: int) -> None:
             grpc_ms = _time(lambda: stub.Predict(request, timeout=10), n)
         print(f"REST predict round trip, median of {n}: {rest_ms:.3f} ms")
         print(f"gRPC Predict round trip, median of {n}: {grpc_ms:.3f} ms")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
 
 
 if __name__ == "__main__":

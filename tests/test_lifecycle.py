@@ -19,6 +19,7 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 
 from conftest import HALF_PLUS_TWO, TESTDATA, post
+from models import export_kitchen
 from test_cli import run_cli
 
 TWO_VERSIONS = TESTDATA / "saved_model_half_plus_two_2_versions"
@@ -479,3 +480,60 @@ def test_bad_warmup_fails_the_load(tmp_path, records, message):
     assert result.returncode == 255
     assert ("Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: "
             "{{name: counter version: 123} due to error: " + message) in result.stdout
+
+
+def test_unload_waits_for_requests_in_flight(start_server, tmp_path):
+    base = export_kitchen(tmp_path / "kitchen")
+    server = start_server("--model_name=kitchen", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1")
+    url = f"{server.rest}/v1/models/kitchen:predict"
+    started = time.monotonic()
+    assert post(url, {"signature_name": "slow", "inputs": {"n": 200_000}}).json() == {"outputs": 200_000}
+    n = int(200_000 * 4.0 / max(time.monotonic() - started, 0.01))  # about four seconds of work
+    result: dict = {}
+    slow = threading.Thread(target=lambda: result.update(r=post(url, {"signature_name": "slow", "inputs": {"n": n}})))
+    slow.start()
+    time.sleep(0.3)
+    copy_version(base / "1", base, 2)
+    # Version 2 takes over; version 1 cannot close while the slow request holds it.
+    wait_for(lambda: statuses(server, "kitchen") == [(2, "AVAILABLE", "OK"), (1, "UNLOADING", "OK")],
+             what="version 1 to wait in UNLOADING")
+    slow.join(60)
+    assert (result["r"].status_code, result["r"].json()) == (200, {"outputs": n})
+    wait_for(lambda: statuses(server, "kitchen") == [(2, "AVAILABLE", "OK"), (1, "END", "OK")], what="version 1 to end")
+
+
+class _Big(tf.Module):
+    """A model holding a 64 MiB variable, so its memory shows in RSS."""
+
+    def __init__(self) -> None:
+        self.weights = tf.Variable(tf.ones([16 * 1024 * 1024]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
+    def __call__(self, index):
+        return {"y": tf.gather(self.weights, index)}
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_unloaded_versions_give_their_memory_back(start_server, tmp_path):
+    module = _Big()
+    tf.saved_model.save(module, str(tmp_path / "big" / "1"), signatures=module.__call__)
+    small = {"name": "small", "path": HALF_PLUS_TWO}
+    big = {"name": "big", "path": tmp_path / "big"}
+    server = start_server(f"--model_config_file={write_config(tmp_path / 'models.config', small)}")
+    pid = server.proc.pid
+    baseline = rss_mib(pid)
+    with grpc.insecure_channel(server.grpc) as channel:
+        for _ in range(5):
+            reload(channel, small, big)
+            loaded = rss_mib(pid)
+            assert loaded > baseline + 50
+            reload(channel, small)
+            wait_for(lambda: statuses(server, "big") == [(1, "END", "OK")], what="big to unload")
+            assert rss_mib(pid) < loaded - 50
+    assert rss_mib(pid) < baseline + 20

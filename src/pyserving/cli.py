@@ -28,6 +28,14 @@ def _configure_logging() -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
+def _configure_tensorflow() -> None:
+    """Environment TensorFlow reads at import; a value the user set wins."""
+    # oneDNN's CPU allocator keeps freed memory pooled for the life of the process, so an
+    # unloaded version's memory would never go back to the OS (measured: bench/lifecycle_rss.py).
+    # TF Serving's stock CPU build has no oneDNN either. TF_ENABLE_ONEDNN_OPTS=1 opts back in.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 def _tensorflow_version() -> str:
     for dist in ("tensorflow-cpu", "tensorflow"):
         try:
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TensorFlow Library: {_tensorflow_version()}")
         return 0
     _configure_logging()
+    _configure_tensorflow()
     for name, reason in options.pending_flags(parsed.given):
         log.warning("Flag --%s is accepted but has no effect in this pyserving release (%s).", name, reason)
 
