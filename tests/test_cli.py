@@ -90,7 +90,8 @@ def test_load_retries_follow_the_flags():
                      "--max_num_load_retries=2", "--load_retry_interval_micros=500000", "--port=0",
                      "--grpc_socket_path=/tmp/pyserving-bad2.sock")
     assert result.returncode == 255
-    assert result.stderr.count("Retrying load of servable {name: bad version: 123}") == 2
+    assert result.stderr.count("Retrying of Loading servable: {name: bad version: 123} retry: ") == 2
+    assert result.stderr.count("Loading servable: {name: bad version: 123} failed: NOT_FOUND: ") == 3
     assert time.monotonic() - started >= 1.0
 
 

@@ -484,7 +484,8 @@ def test_bad_warmup_fails_the_load(tmp_path, records, message):
 
 def test_unload_waits_for_requests_in_flight(start_server, tmp_path):
     base = export_kitchen(tmp_path / "kitchen")
-    server = start_server("--model_name=kitchen", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1")
+    server = start_server("--model_name=kitchen", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1",
+                          "--num_load_threads=2", "--num_unload_threads=2")
     url = f"{server.rest}/v1/models/kitchen:predict"
     started = time.monotonic()
     assert post(url, {"signature_name": "slow", "inputs": {"n": 200_000}}).json() == {"outputs": 200_000}
