@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "tf_serving"
 if not TESTDATA.is_dir():  # a checkout whose shared/ sits elsewhere can point at it
@@ -103,6 +106,19 @@ def model_copy(tmp_path):
         shutil.copytree(source, target)
         return target
     return copy
+
+
+def predict_request(name="half_plus_two", values=(1.0, 2.0, 5.0), **spec) -> predict_pb2.PredictRequest:
+    """A half_plus_two-style PredictRequest: `values` as x [n, 1]; spec keys: version, version_label, ..."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    for key, value in spec.items():
+        if key == "version":
+            request.model_spec.version.value = value
+        else:
+            setattr(request.model_spec, key, value)
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array(values, np.float32).reshape(-1, 1)))
+    return request
 
 
 def post(url: str, body, **kwargs) -> requests.Response:

@@ -10,7 +10,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from conftest import HALF_PLUS_TWO, TESTDATA
+from conftest import HALF_PLUS_TWO, TESTDATA, predict_request
 from models import export_kitchen
 
 
@@ -23,18 +23,6 @@ def channel(half_plus_two):
 @pytest.fixture(scope="module")
 def stub(channel):
     return prediction_service_pb2_grpc.PredictionServiceStub(channel)
-
-
-def predict_request(name="half_plus_two", values=(1.0, 2.0, 5.0), **spec):
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    for key, value in spec.items():
-        if key == "version":
-            request.model_spec.version.value = value
-        else:
-            setattr(request.model_spec, key, value)
-    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array(values, np.float32).reshape(-1, 1)))
-    return request
 
 
 def test_predict_with_make_tensor_proto(stub):

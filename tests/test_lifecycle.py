@@ -9,16 +9,15 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import requests
 import tensorflow as tf
+from google.protobuf import text_format
 from tensorflow_serving.apis import (
     model_management_pb2, model_service_pb2_grpc, predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc,
 )
-from tensorflow_serving.config import model_server_config_pb2
 
-from conftest import HALF_PLUS_TWO, TESTDATA, post
+from conftest import HALF_PLUS_TWO, TESTDATA, post, predict_request
 from models import export_kitchen
 from test_cli import run_cli
 
@@ -32,7 +31,8 @@ FAST_RETRIES = ("--max_num_load_retries=2", "--load_retry_interval_micros=300000
 def config_text(*models: dict) -> str:
     """Text-format ModelServerConfig; each model: name, path, and optional raw `extra` text."""
     entries = "".join(
-        f'  config {{ name: "{m["name"]}" base_path: "{m["path"]}" model_platform: "tensorflow" {m.get("extra", "")} }}\n'
+        f'  config {{ name: "{m["name"]}" base_path: "{m["path"]}" model_platform: "tensorflow" '
+        f'{m.get("extra", "")} }}\n'
         for m in models)
     return "model_config_list {\n" + entries + "}\n"
 
@@ -60,20 +60,12 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
 
 
 def grpc_predict(channel, name: str, x=(1.0,), **spec) -> predict_pb2.PredictResponse:
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    for key, value in spec.items():
-        if key == "version":
-            request.model_spec.version.value = value
-        else:
-            setattr(request.model_spec, key, value)
-    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array(x, np.float32).reshape(-1, 1)))
-    return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+        predict_request(name, x, **spec), timeout=30)
 
 
 def reload(channel, *models: dict) -> model_management_pb2.ReloadConfigResponse:
     request = model_management_pb2.ReloadConfigRequest()
-    from google.protobuf import text_format
     text_format.Parse(config_text(*models), request.config)
     return model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=120)
 
@@ -106,11 +98,13 @@ def test_config_file_serves_tf1_and_tf2_models_side_by_side(start_server, tmp_pa
 
 def test_good_model_config_from_tf_serving_testdata(start_server, tmp_path):
     text = (TESTDATA / "good_model_config.txt").read_text()
-    text = text.replace("${TEST_HALF_PLUS_TWO_DIR}", str(HALF_PLUS_TWO)).replace("${TEST_HALF_PLUS_THREE_DIR}", str(THREE))
+    text = text.replace("${TEST_HALF_PLUS_TWO_DIR}", str(HALF_PLUS_TWO))
+    text = text.replace("${TEST_HALF_PLUS_THREE_DIR}", str(THREE))
     (tmp_path / "good.config").write_text(text)
     server = start_server(f"--model_config_file={tmp_path / 'good.config'}")
-    assert post(f"{server.rest}/v1/models/half_plus_three:predict", {"instances": [2.0]}).json() == {"predictions": [4.0]}
-    assert post(f"{server.rest}/v1/models/half_plus_two:predict", {"instances": [2.0]}).json() == {"predictions": [3.0]}
+    for name, expected in (("half_plus_three", 4.0), ("half_plus_two", 3.0)):
+        r = post(f"{server.rest}/v1/models/{name}:predict", {"instances": [2.0]})
+        assert r.json() == {"predictions": [expected]}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -169,7 +163,8 @@ def test_version_policies(start_server, tmp_path):
             grpc_predict(channel, "latest", version=123)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert error.value.details() == "Servable not found for request: Specific(latest, 123)"
-    assert "Version 999 of servable specific, which was requested to be served as a 'specific' version" in server.output()
+    assert ("Version 999 of servable specific, which was requested to be served as a 'specific' version"
+            in server.output())
 
 
 LABELLED = {"name": "m", "path": TWO_VERSIONS,
@@ -464,7 +459,8 @@ def test_warmup_off_and_default_iterations(start_server, tmp_path, counters):
 @pytest.mark.parametrize("records, message", [
     (None, "DATA_LOSS: corrupted record at 0"),
     ([b"\xff\xff not a proto"], "INVALID_ARGUMENT: Failed to parse warmup record: "),
-    ([counter_warmup("no_such_signature")], 'FAILED_PRECONDITION: Serving signature key "no_such_signature" not found.'),
+    ([counter_warmup("no_such_signature")],
+     'FAILED_PRECONDITION: Serving signature key "no_such_signature" not found.'),
     ([counter_warmup()] * 1001, "INVALID_ARGUMENT: Number of warmup records exceeds the maximum (1000) at "),
 ])
 def test_bad_warmup_fails_the_load(tmp_path, records, message):

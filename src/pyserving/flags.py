@@ -53,7 +53,8 @@ class Options:
     enable_signature_method_name_check: bool = _flag(
         False, "bool", "Require predict/classify/regress APIs to match the signature's method_name")
     # Config files and polling
-    model_config_file: str = _flag("", "string", "Text-format ModelServerConfig; overrides --model_name/--model_base_path")
+    model_config_file: str = _flag("", "string",
+                                   "Text-format ModelServerConfig; overrides --model_name/--model_base_path")
     model_config_file_poll_wait_seconds: int = _flag(0, INT32, "Re-read --model_config_file every N seconds (0 = once)")
     file_system_poll_wait_seconds: int = _flag(1, INT32, "Seconds between polls of the base path for new versions")
     platform_config_file: str = _flag("", "string", "Text-format PlatformConfigMap", pending="not planned")
