@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 
@@ -53,4 +54,57 @@ def export_kitchen(base: Path) -> Path:
     signatures = {name: getattr(module, name) for name in names}
     signatures["serving_default"] = module.two
     tf.saved_model.save(module, str(base / "1"), signatures=signatures)
+    return base
+
+
+COLORS = ("red", "green", "blue")
+
+
+def color_image(color: str, size: int = 16) -> bytes:
+    """A JPEG whose pixels are mostly `color`, with noise."""
+    rng = np.random.default_rng(COLORS.index(color))
+    pixels = rng.uniform(0, 60, (size, size, 3))
+    pixels[..., COLORS.index(color)] += 180
+    return tf.io.encode_jpeg(tf.constant(pixels, tf.uint8)).numpy()
+
+
+def export_color_classifier(base: Path) -> Path:
+    """A Keras classifier served the way TF Serving users need it: serialized tf.Example in (a JPEG
+    under feature `image`, decoded in the graph), `classes` (strings) and `scores` out."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    images = rng.uniform(0, 0.3, (600, 8, 8, 3)).astype(np.float32)
+    images[np.arange(600), :, :, labels] += 0.7
+    model = tf.keras.Sequential([tf.keras.Input((8, 8, 3)), tf.keras.layers.GlobalAveragePooling2D(),
+                                 tf.keras.layers.Dense(3, activation="softmax")])
+    model.compile(tf.keras.optimizers.Adam(0.1), "sparse_categorical_crossentropy")
+    model.fit(images, labels, epochs=40, verbose=0)
+    names = tf.constant(COLORS)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(serialized):
+        jpegs = tf.io.parse_example(serialized, {"image": tf.io.FixedLenFeature([], tf.string)})["image"]
+        pixels = tf.map_fn(lambda jpeg: tf.image.resize(tf.image.decode_jpeg(jpeg, channels=3), [8, 8]) / 255.0,
+                           jpegs, fn_output_signature=tf.float32)
+        scores = model(pixels)
+        return {"classes": tf.tile(names[None], [tf.shape(scores)[0], 1]), "scores": scores}
+
+    # Keras 3's ExportArchive, not tf.saved_model.save on a wrapper: only the archive writes a graph
+    # whose signature reads the same variables its restore op fills (see docs/ARCHITECTURE.md).
+    archive = tf.keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", classify)
+    archive.write_out(str(base / "1"), verbose=False)
+    return base
+
+
+def export_wrapped_keras(base: Path) -> Path:
+    """The Keras 3 export mistake: a Keras model inside a tf.Module, saved with tf.saved_model.save.
+
+    The graph's restore op fills other variable handles than those the signature reads."""
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    module = tf.Module()
+    module.model = model
+    module.serve = tf.function(lambda x: {"y": model(x)}, input_signature=[tf.TensorSpec([None, 2], tf.float32)])
+    tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": module.serve})
     return base

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+    get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
     prediction_service_pb2_grpc,
 )
 
@@ -121,7 +121,8 @@ def test_metadata_and_status_errors(channel, stub):
     expect_error(stub.GetModelMetadata, get_model_metadata_pb2.GetModelMetadataRequest(
         model_spec={"name": "half_plus_two"}, metadata_field=["foo"]),
         bad.INVALID_ARGUMENT, "Metadata field %s is not supportedfoo")
-    expect_error(stub.GetModelMetadata, get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"]),
+    no_spec = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    expect_error(stub.GetModelMetadata, no_spec,
                  bad.INVALID_ARGUMENT, "Missing ModelSpec")
     models = model_service_pb2_grpc.ModelServiceStub(channel)
     expect_error(models.GetModelStatus, get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "nope"}),
@@ -129,12 +130,6 @@ def test_metadata_and_status_errors(channel, stub):
     expect_error(models.GetModelStatus, get_model_status_pb2.GetModelStatusRequest(
         model_spec={"name": "half_plus_two", "version": {"value": 9}}),
         bad.NOT_FOUND, "Could not find version 9 of model half_plus_two")
-
-
-def test_later_issue_rpcs_answer_unimplemented(stub):
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Classify(classification_pb2.ClassificationRequest(model_spec={"name": "half_plus_two"}), timeout=30)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_tensor_content_responses_and_unix_socket(start_server, tmp_path):

@@ -534,3 +534,48 @@ def test_unloaded_versions_give_their_memory_back(start_server, tmp_path):
             wait_for(lambda: statuses(server, "big") == [(1, "END", "OK")], what="big to unload")
             assert rss_mib(pid) < loaded - 50
     assert rss_mib(pid) < baseline + 20
+
+
+def example_warmup(kind: str, signature: str) -> bytes:
+    """A classify_log / regress_log / multi_inference_log record for half_plus_two."""
+    log = prediction_log_pb2.PredictionLog()
+    if kind == "multi_inference_log":
+        request = log.multi_inference_log.request
+        for name, method in ((signature, "tensorflow/serving/regress"),
+                             ("classify_x_to_y", "tensorflow/serving/classify")):
+            task = request.tasks.add(method_name=method)
+            task.model_spec.name = "m"
+            task.model_spec.signature_name = name
+    else:
+        request = getattr(log, kind).request
+        request.model_spec.signature_name = signature
+    example = request.input.example_list.examples.add()
+    example.features.feature["x"].float_list.value.append(1.0)
+    return log.SerializeToString()
+
+
+def test_warmup_replays_classify_regress_and_multi_inference_records(start_server, tmp_path):
+    base = tmp_path / "m"
+    shutil.copytree(HALF_PLUS_TWO, base)
+    write_warmup(base / "00000123", [example_warmup("classify_log", "classify_x_to_y"),
+                                     example_warmup("regress_log", "regress_x_to_y"),
+                                     example_warmup("multi_inference_log", "regress_x_to_y2")])
+    server = start_server("--model_name=m", f"--model_base_path={base}")
+    assert "Number of warmup records read: 3." in server.output()
+    assert statuses(server, "m") == [(123, "AVAILABLE", "OK")]
+
+
+@pytest.mark.parametrize("record, message", [
+    (example_warmup("classify_log", "regress_x_to_y"),
+     'INVALID_ARGUMENT: Expected classification signature outputs to contain at least one of "classes" or "scores".'),
+    (prediction_log_pb2.PredictionLog(session_run_log={}).SerializeToString(),
+     "UNIMPLEMENTED: Unsupported log_type for warmup: 5"),
+])
+def test_bad_example_warmup_fails_the_load(tmp_path, record, message):
+    base = tmp_path / "m"
+    shutil.copytree(HALF_PLUS_TWO, base)
+    write_warmup(base / "00000123", [record])
+    result = run_cli("--model_name=m", f"--model_base_path={base}", "--max_num_load_retries=0",
+                     "--port=0", "--grpc_socket_path=" + str(tmp_path / "s"))
+    assert result.returncode == 255
+    assert "{name: m version: 123} due to error: " + message in result.stdout

@@ -11,6 +11,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from conftest import TESTDATA, post
+from models import export_wrapped_keras
+from test_cli import run_cli
 
 HALF_PLUS_TWO_FAMILY = [
     "saved_model_half_plus_two_cpu",
@@ -103,3 +105,13 @@ def test_sigterm_exits_zero_and_logs(start_server):
             "(batching (#8)).") in output
     assert "Flag --port is accepted" not in output
     assert server.stop() == 0
+
+
+def test_model_whose_signature_reads_unrestored_variables_fails_at_load(tmp_path):
+    base = export_wrapped_keras(tmp_path / "wrapped")
+    result = run_cli("--model_name=wrapped", f"--model_base_path={base}", "--max_num_load_retries=0",
+                     "--port=0", f"--grpc_socket_path={tmp_path / 's'}")
+    assert result.returncode == 255
+    assert ("{name: wrapped version: 1} due to error: FAILED_PRECONDITION: The signatures read variables that the "
+            "SavedModel does not restore: sequential/dense/bias, sequential/dense/kernel. A Keras 3 model saved with "
+            "tf.saved_model.save inside another object does this") in result.stdout

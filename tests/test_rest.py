@@ -198,12 +198,6 @@ def test_cors_preflight(half_plus_two):
     assert (missing.status_code, missing.content) == (400, b"")
 
 
-def test_classify_answers_unimplemented_until_issue_4(url):
-    r = post(url + ":classify", {"examples": [{"x": 1.0}]})
-    assert r.status_code == 501
-    assert "not implemented" in r.json()["error"]
-
-
 def test_percent_encoded_model_name(half_plus_two):
     r = post(half_plus_two.rest + "/v1/models/half%5Fplus%5Ftwo:predict", {"instances": [1.0]})
     assert r.json() == {"predictions": [2.5]}

@@ -1,4 +1,4 @@
-"""The data plane: Predict, metadata and status semantics shared by REST and gRPC.
+"""The data plane: Predict, Classify, Regress, MultiInference, metadata and status, for REST and gRPC.
 
 Front-ends translate their wire format into these calls and back; everything
 TF Serving decides independently of the protocol (servable lookup, signature
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, input_pb2, regression_pb2
 
-from pyserving import tensors
+from pyserving import classification, tensors
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import Lease, ModelManager, VersionStatus
 from pyserving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, PREDICT_METHOD, REGRESS_METHOD, Servable
@@ -73,6 +73,77 @@ class DataPlane:
         aliases = _output_aliases(signature, output_filter)
         arrays = servable.run(signature, feeds, aliases, timeout_ms)
         return PredictResult(spec.name, version, key, dict(zip(aliases, arrays)))
+
+    def classify(self, spec: ModelSpec, request_input: input_pb2.Input, timeout_ms: int = 0,
+                 target: tuple[int, Servable] | None = None
+                 ) -> tuple[int, str, classification_pb2.ClassificationResult]:
+        """Run a classification signature on tf.Examples: (version, signature key, result)."""
+        version, key, outputs, count = self._run_examples(
+            spec, request_input, timeout_ms, target, classification.check_classify_signature)
+        return version, key, classification.classification_result(outputs, count)
+
+    def regress(self, spec: ModelSpec, request_input: input_pb2.Input, timeout_ms: int = 0,
+                target: tuple[int, Servable] | None = None) -> tuple[int, str, regression_pb2.RegressionResult]:
+        """Run a regression signature on tf.Examples: (version, signature key, result)."""
+        version, key, outputs, count = self._run_examples(
+            spec, request_input, timeout_ms, target, classification.check_regress_signature)
+        return version, key, classification.regression_result(outputs[classification.OUTPUTS], count)
+
+    def _run_examples(self, spec, request_input, timeout_ms, target, check):
+        if target is None:
+            with self.lease(spec) as leased:
+                return self._run_examples(spec, request_input, timeout_ms, leased, check)
+        version, servable = target
+        key = spec.signature_name or DEFAULT_SIGNATURE
+        signature = servable.signature_defs.get(key)
+        if signature is None:
+            raise invalid_argument(f"No signature was found with the name: {key}")
+        aliases = check(signature, self._method_name_check)
+        examples = classification.serialized_examples(request_input)
+        arrays = servable.run(signature, {classification.INPUTS: examples}, aliases, timeout_ms)
+        return version, key, dict(zip(aliases, arrays)), len(examples)
+
+    def multi_inference(self, tasks: list[tuple[ModelSpec, str]], request_input: input_pb2.Input,
+                        timeout_ms: int = 0, target: tuple[int, Servable] | None = None
+                        ) -> tuple[int, list[tuple[str, str, object]]]:
+        """Several classify/regress tasks of one model on one input, in one execution.
+
+        `tasks` are (spec, method name); returns the version and, per task, (signature
+        key, method name, ClassificationResult or RegressionResult).
+        """
+        if target is None:
+            with self.lease(tasks[0][0] if tasks else ModelSpec("")) as leased:
+                return self.multi_inference(tasks, request_input, timeout_ms, leased)
+        version, servable = target
+        checks = {CLASSIFY_METHOD: classification.check_classify_signature,
+                  REGRESS_METHOD: classification.check_regress_signature}
+        runs, seen = [], set()
+        for spec, method in tasks:
+            if not spec.name:
+                raise invalid_argument("Found ModelSpec with an empty model name.")
+            if spec.name != tasks[0][0].name:
+                raise invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+            key = spec.signature_name or DEFAULT_SIGNATURE
+            if key in seen:
+                raise invalid_argument(f"Duplicate evaluation of signature: {key}")
+            seen.add(key)
+            signature = servable.signature_defs.get(key)
+            if signature is None:
+                raise invalid_argument(f"Requested signature not found in model graph: {key}")
+            if method not in checks:
+                raise ServingError(Code.UNIMPLEMENTED, f"Unsupported signature method_name: {method}")
+            runs.append((key, method, signature, checks[method](signature, self._method_name_check)))
+        examples = classification.serialized_examples(request_input)
+        outputs = servable.run_multi([(signature, aliases) for _, _, signature, aliases in runs],
+                                     {classification.INPUTS: examples}, timeout_ms)
+        results = []
+        for (key, method, _, aliases), arrays in zip(runs, outputs):
+            if method == CLASSIFY_METHOD:
+                result = classification.classification_result(dict(zip(aliases, arrays)), len(examples))
+            else:
+                result = classification.regression_result(arrays[0], len(examples))
+            results.append((key, method, result))
+        return version, results
 
     def signature_def_map(self, spec: ModelSpec, fields: list[str]
                           ) -> tuple[int, get_model_metadata_pb2.SignatureDefMap]:

@@ -92,6 +92,8 @@ def not_found(message: str) -> ServingError:
 
 def from_tf_error(exc: Exception) -> ServingError:
     """Translate a TensorFlow `OpError` (or anything else) into a ServingError."""
+    if isinstance(exc, ServingError):
+        return exc
     code = getattr(exc, "error_code", None)
     message = getattr(exc, "message", None) or str(exc)
     try:

@@ -30,7 +30,8 @@ class Options:
     # Ports and transport
     port: int = _flag(8500, INT32, "Port to listen on for gRPC API (0 = no TCP gRPC listener)")
     grpc_socket_path: str = _flag("", "string", "If non-empty, also listen for gRPC on this UNIX socket path")
-    rest_api_port: int = _flag(0, INT32, "Port to listen on for HTTP/REST API; 0 disables REST. Must differ from --port")
+    rest_api_port: int = _flag(0, INT32,
+                               "Port to listen on for HTTP/REST API; 0 disables REST. Must differ from --port")
     rest_api_num_threads: int = _flag(4 * _CPUS, INT32, "Number of threads for HTTP/REST API processing")
     rest_api_timeout_in_ms: int = _flag(30000, INT32, "Timeout for HTTP/REST API inference calls (ms)")
     rest_api_enable_cors_support: bool = _flag(False, "bool", "Enable CORS headers in REST API responses",
@@ -90,7 +91,8 @@ class Options:
     tensorflow_session_parallelism: int = _flag(0, INT64, "Threads for TF sessions (0 = auto); sets intra and inter")
     tensorflow_intra_op_parallelism: int = _flag(0, INT64, "TF intra-op threads (0 = auto)")
     tensorflow_inter_op_parallelism: int = _flag(0, INT64, "TF inter-op threads (0 = auto)")
-    per_process_gpu_memory_fraction: float = _flag(0.0, "float", "GPU memory fraction", pending="not planned (CPU build)")
+    per_process_gpu_memory_fraction: float = _flag(0.0, "float", "GPU memory fraction",
+                                                   pending="not planned (CPU build)")
     xla_cpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:CPU JIT", pending="not planned")
     xla_gpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:GPU JIT", pending="not planned")
     mixed_precision: str = _flag("", "string", "Automatic mixed precision, e.g. bfloat16", pending="not planned")

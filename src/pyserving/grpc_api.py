@@ -1,8 +1,7 @@
 """The gRPC front-end: tensorflow.serving.PredictionService and ModelService on grpc.aio.
 
 A thin adapter over `DataPlane`: protos in, numpy through the data plane on a
-worker thread, protos out; `ServingError` becomes the RPC status. RPCs that later
-issues implement answer UNIMPLEMENTED.
+worker thread, protos out; `ServingError` becomes the RPC status.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from google.protobuf import wrappers_pb2
 from tensorflow_serving.apis import (
-    get_model_metadata_pb2, get_model_status_pb2, model_management_pb2, model_pb2, model_service_pb2_grpc,
-    predict_pb2, prediction_service_pb2_grpc, status_pb2,
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, inference_pb2, model_management_pb2, model_pb2,
+    model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc, regression_pb2, status_pb2,
 )
 
 from pyserving import model_config, tensors
@@ -24,6 +23,7 @@ from pyserving.concurrency import run_sync
 from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
 from pyserving.errors import ServingError, invalid_argument
 from pyserving.manager import VersionStatus
+from pyserving.servable import CLASSIFY_METHOD
 from pyserving.server_core import ServerCore
 
 log = logging.getLogger("pyserving")
@@ -75,10 +75,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         spec = _spec(request.model_spec)
         inputs = {alias: tensors.to_ndarray(proto, alias) for alias, proto in request.inputs.items()}
         result = self._dataplane.predict(spec, inputs, list(request.output_filter), timeout_ms)
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = result.name
-        response.model_spec.version.value = result.version
-        response.model_spec.signature_name = result.signature_name
+        response = predict_pb2.PredictResponse(
+            model_spec=_effective_spec(result.name, result.version, result.signature_name))
         for alias, array in result.outputs.items():
             response.outputs[alias].CopyFrom(tensors.to_proto(array, self._tensor_content))
         return response
@@ -97,14 +95,52 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
         return response
 
-    async def Classify(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Classify is not implemented yet in pyserving")
+    async def Classify(self, request: classification_pb2.ClassificationRequest, context):
+        timeout_ms = _session_timeout_ms(context.time_remaining())
+        return await _unary(self._pool, functools.partial(self._classify, timeout_ms=timeout_ms), request, context)
 
-    async def Regress(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress is not implemented yet in pyserving")
+    def _classify(self, request: classification_pb2.ClassificationRequest, timeout_ms: int):
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        spec = _spec(request.model_spec)
+        version, key, result = self._dataplane.classify(spec, request.input, timeout_ms)
+        return classification_pb2.ClassificationResponse(model_spec=_effective_spec(spec.name, version, key),
+                                                         result=result)
 
-    async def MultiInference(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented yet in pyserving")
+    async def Regress(self, request: regression_pb2.RegressionRequest, context):
+        timeout_ms = _session_timeout_ms(context.time_remaining())
+        return await _unary(self._pool, functools.partial(self._regress, timeout_ms=timeout_ms), request, context)
+
+    def _regress(self, request: regression_pb2.RegressionRequest, timeout_ms: int):
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        spec = _spec(request.model_spec)
+        version, key, result = self._dataplane.regress(spec, request.input, timeout_ms)
+        return regression_pb2.RegressionResponse(model_spec=_effective_spec(spec.name, version, key), result=result)
+
+    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context):
+        timeout_ms = _session_timeout_ms(context.time_remaining())
+        return await _unary(self._pool, functools.partial(self._multi_inference, timeout_ms=timeout_ms),
+                            request, context)
+
+    def _multi_inference(self, request: inference_pb2.MultiInferenceRequest, timeout_ms: int):
+        tasks = [(_spec(task.model_spec), task.method_name) for task in request.tasks]
+        version, results = self._dataplane.multi_inference(tasks, request.input, timeout_ms)
+        response = inference_pb2.MultiInferenceResponse()
+        for (spec, _), (key, method, result) in zip(tasks, results):
+            entry = response.results.add(model_spec=_effective_spec(spec.name, version, key))
+            if method == CLASSIFY_METHOD:
+                entry.classification_result.CopyFrom(result)
+            else:
+                entry.regression_result.CopyFrom(result)
+        return response
+
+
+def _effective_spec(name: str, version: int, signature_name: str) -> model_pb2.ModelSpec:
+    """The ModelSpec a response reports: the version that ran, the signature key used."""
+    spec = model_pb2.ModelSpec(name=name, signature_name=signature_name)
+    spec.version.value = version
+    return spec
 
 
 def _version_status(status: VersionStatus) -> get_model_status_pb2.ModelVersionStatus:

@@ -126,7 +126,7 @@ def signature_name(doc: dict) -> str:
 
 # ------------------------------------------------------- debug rendering
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
     if value is None:
         return "Null"
     if value is True:
@@ -177,18 +177,18 @@ def debug_string(value) -> str:
 
 def _type_error(value, dtype: int) -> ServingError:
     return invalid_argument(
-        f"JSON Value: {debug_string(value)} Type: {_json_type(value)} is not of expected type: "
+        f"JSON Value: {debug_string(value)} Type: {json_type(value)} is not of expected type: "
         f"{tensors.type_name(dtype)}")
 
 
 # ------------------------------------------------------------ decoding
 
-def _is_b64(value) -> bool:
+def is_b64(value) -> bool:
     return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
 
 
-def _decode_b64(value) -> bytes:
-    if not _is_b64(value):
+def decode_b64(value) -> bytes:
+    if not is_b64(value):
         raise invalid_argument(f"JSON Value: {debug_string(value)} not formatted correctly for base64 data")
     try:
         return base64.b64decode(value["b64"].encode("ascii"), validate=True)
@@ -200,7 +200,7 @@ def _check_scalar(value, dtype: int):
     """One leaf value, converted the way TF's AddValueToTensor accepts it."""
     if dtype == types_pb2.DT_STRING:
         if isinstance(value, dict):
-            return _decode_b64(value)
+            return decode_b64(value)
         if not isinstance(value, str):
             raise _type_error(value, dtype)
         return value.encode("utf-8", "surrogateescape")
@@ -342,7 +342,7 @@ def _first_input(infos) -> str:
 
 
 def _from_inputs(value, infos, may_hold_bools: bool) -> dict[str, np.ndarray]:
-    if not isinstance(value, dict) or _is_b64(value):
+    if not isinstance(value, dict) or is_b64(value):
         if len(infos) > 1:
             raise invalid_argument(
                 "inputs is a plain value/list, but expecting an object as multiple input tensors "
@@ -358,7 +358,7 @@ def _from_inputs(value, infos, may_hold_bools: bool) -> dict[str, np.ndarray]:
 
 
 def _is_element_object(value) -> bool:
-    return isinstance(value, dict) and not _is_b64(value)
+    return isinstance(value, dict) and not is_b64(value)
 
 
 def _from_instances(instances: list, infos, may_hold_bools: bool) -> dict[str, np.ndarray]:

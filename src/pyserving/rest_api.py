@@ -18,10 +18,10 @@ from urllib.parse import unquote
 
 from google.protobuf import json_format
 
-from pyserving import json_codec
+from pyserving import json_codec, json_examples
 from pyserving.concurrency import run_sync
 from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
-from pyserving.errors import Code, ServingError, invalid_argument
+from pyserving.errors import ServingError, invalid_argument
 from pyserving.manager import VersionStatus
 from pyserving.servable import DEFAULT_SIGNATURE
 from pyserving.sources import parse_version
@@ -95,8 +95,7 @@ class RestApi:
                 spec = _model_spec(*match.group(1, 2, 3))
                 if match.group(4) == "predict":
                     return self._predict(spec, body)
-                raise ServingError(Code.UNIMPLEMENTED,
-                                   f"{match.group(4).capitalize()} is not implemented yet in pyserving")
+                return self._classify_or_regress(match.group(4), spec, body)
         elif method == "GET":
             match = _GET.fullmatch(path)
             if match:
@@ -119,6 +118,16 @@ class RestApi:
             spec = ModelSpec(spec.name, spec.version, spec.label, signature_key)
             result = self._dataplane.predict(spec, inputs.tensors, timeout_ms=self._timeout_ms, target=target)
         return json_codec.encode_predict(result.outputs, inputs.format)
+
+    def _classify_or_regress(self, method: str, spec: ModelSpec, body: bytes) -> bytes:
+        doc = json_codec.parse_object(body)
+        spec = ModelSpec(spec.name, spec.version, spec.label, json_codec.signature_name(doc))
+        request_input = json_examples.decode_input(doc)
+        if method == "classify":
+            _, _, result = self._dataplane.classify(spec, request_input, self._timeout_ms)
+            return json_examples.encode_classification(result)
+        _, _, result = self._dataplane.regress(spec, request_input, self._timeout_ms)
+        return json_examples.encode_regression(result)
 
     def _metadata(self, spec: ModelSpec) -> bytes:
         version, signature_map = self._dataplane.signature_def_map(spec, [SIGNATURE_DEF_FIELD])

@@ -37,5 +37,17 @@ class Servable(Protocol):
         does not check them either); the runtime raises `ServingError` on failure.
         """
 
+    def run_multi(
+        self,
+        tasks: list[tuple[meta_graph_pb2.SignatureDef, list[str]]],
+        inputs: dict[str, np.ndarray],
+        timeout_ms: int,
+    ) -> list[list[np.ndarray]]:
+        """Run several signatures on the same inputs in one execution (MultiInference).
+
+        Each task is (signature, output aliases); `inputs` is fed to every signature's
+        input of that alias. Returns each task's outputs in its alias order.
+        """
+
     def close(self) -> None:
         """Release the version's memory; called once, after the last request."""

@@ -48,12 +48,47 @@ class SavedModelServable:
         try:
             with self._graph.as_default():
                 meta_graph = tf.compat.v1.saved_model.loader.load(self._session, tags, path)
+            self._signature_defs = dict(meta_graph.signature_def)
+            self._check_variables_restored(meta_graph.graph_def)
         except Exception as exc:
             self._session.close()
             raise from_tf_error(exc) from exc
-        self._signature_defs = dict(meta_graph.signature_def)
         self._callables: dict[tuple, object] = {}
         self._lock = threading.Lock()
+
+    def _check_variables_restored(self, graph_def) -> None:
+        """Fail the load if a signature reads a resource variable that restoring left uninitialized.
+
+        A Keras 3 model wrapped in a tf.Module and saved with tf.saved_model.save gets a
+        restore op that fills one set of variable handles while its signatures read
+        another; TF Serving loads such a model and then fails every request. Failing
+        here keeps the previous version serving and names the cause.
+        """
+        nodes = {node.name: node for node in graph_def.node}
+        stack = [info.name.split(":")[0] for signature in self._signature_defs.values()
+                 for info in signature.outputs.values()]
+        seen: set[str] = set()
+        handles = []
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in nodes:
+                continue
+            seen.add(name)
+            if nodes[name].op == "VarHandleOp":
+                handles.append(name)
+            stack.extend(i.lstrip("^").split(":")[0] for i in nodes[name].input)
+        if not handles:
+            return
+        with self._graph.as_default():
+            checks = [tf.raw_ops.VarIsInitializedOp(resource=self._graph.get_tensor_by_name(f"{h}:0"))
+                      for h in sorted(handles)]
+        missing = [h for h, ok in zip(sorted(handles), self._session.run(checks)) if not ok]
+        if missing:
+            raise ServingError(
+                Code.FAILED_PRECONDITION,
+                f"The signatures read variables that the SavedModel does not restore: {', '.join(missing)}. "
+                "A Keras 3 model saved with tf.saved_model.save inside another object does this; export it with "
+                "model.export() or keras.export.ExportArchive.")
 
     @property
     def signature_defs(self) -> dict[str, meta_graph_pb2.SignatureDef]:
@@ -68,21 +103,36 @@ class SavedModelServable:
     ) -> list[np.ndarray]:
         feed_aliases = tuple(sorted(inputs))
         key = (id(signature), feed_aliases, tuple(output_aliases), timeout_ms)
-        fn = self._callables.get(key)
-        if fn is None:
-            fn = self._make_callable(signature, feed_aliases, output_aliases, timeout_ms, key)
+        fn = self._callables.get(key) or self._make_callable(
+            key, [signature.inputs[a].name for a in feed_aliases],
+            [signature.outputs[a].name for a in output_aliases], timeout_ms)
+        return self._call(fn, [inputs[a] for a in feed_aliases])
+
+    def run_multi(
+        self,
+        tasks: list[tuple[meta_graph_pb2.SignatureDef, list[str]]],
+        inputs: dict[str, np.ndarray],
+        timeout_ms: int,
+    ) -> list[list[np.ndarray]]:
+        feeds = {signature.inputs[alias].name: array for signature, _ in tasks for alias, array in inputs.items()}
+        feed_names = tuple(sorted(feeds))
+        fetch_names = tuple(sorted({signature.outputs[a].name for signature, aliases in tasks for a in aliases}))
+        key = (feed_names, fetch_names, timeout_ms)
+        fn = self._callables.get(key) or self._make_callable(key, feed_names, fetch_names, timeout_ms)
+        values = dict(zip(fetch_names, self._call(fn, [feeds[n] for n in feed_names])))
+        return [[values[signature.outputs[a].name] for a in aliases] for signature, aliases in tasks]
+
+    @staticmethod
+    def _call(fn, feeds: list[np.ndarray]) -> list[np.ndarray]:
         try:
-            return fn(*(inputs[a] for a in feed_aliases))
+            return fn(*feeds)
         except tf.errors.OpError as exc:
             raise from_tf_error(exc) from exc
         except (TypeError, ValueError) as exc:
             raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
-    def _make_callable(self, signature, feed_aliases, output_aliases, timeout_ms, key):
-        options = config_pb2.CallableOptions(
-            feed=[signature.inputs[a].name for a in feed_aliases],
-            fetch=[signature.outputs[a].name for a in output_aliases],
-        )
+    def _make_callable(self, key: tuple, feed_names, fetch_names, timeout_ms: int):
+        options = config_pb2.CallableOptions(feed=feed_names, fetch=fetch_names)
         if timeout_ms > 0:
             options.run_options.timeout_in_ms = timeout_ms
         with self._lock:
