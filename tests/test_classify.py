@@ -240,6 +240,11 @@ def test_grpc_classify_and_regress_errors(stub):
         stub.Regress(regress, timeout=30)
     assert error.value.code() == bad.INVALID_ARGUMENT
     assert error.value.details().startswith("No regression outputs found in SignatureDef: ")
+    regress.model_spec.signature_name = "regress_x2_to_y3"  # a float placeholder fed serialized examples
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Regress(regress, timeout=30)
+    assert error.value.code() == bad.INVALID_ARGUMENT
+    assert "expect float" in error.value.details()
 
 
 def multi_request(*tasks, request_input=None) -> inference_pb2.MultiInferenceRequest:

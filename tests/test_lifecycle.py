@@ -176,7 +176,8 @@ def test_labels_in_the_initial_config_need_the_allow_flag(tmp_path):
     config = write_config(tmp_path / "models.config", LABELLED)
     result = run_cli(f"--model_config_file={config}", "--port=0", "--grpc_socket_path=" + str(tmp_path / "s"))
     assert result.returncode == 255
-    assert ("Failed to start server. Error: FAILED_PRECONDITION: Request to assign label to version 123 of model m, "
+    # Labels are checked in name order: canary (124) first.
+    assert ("Failed to start server. Error: FAILED_PRECONDITION: Request to assign label to version 124 of model m, "
             "which is not currently available for inference\n") in result.stdout
 
 

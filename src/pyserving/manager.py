@@ -256,7 +256,7 @@ class ModelManager:
             for name, model_labels in labels.items():
                 model = self._models.get(name)
                 current = model.labels if model else {}
-                for label, version in model_labels.items():
+                for label, version in sorted(model_labels.items()):
                     record = model.versions.get(version) if model else None
                     if record is not None and record.status.state == State.AVAILABLE:
                         continue
