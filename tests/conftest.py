@@ -40,15 +40,24 @@ class Server:
     """A pyserving process; `rest` is its base URL, `grpc` its gRPC target."""
 
     def __init__(self, *args: str, log_path: Path, rest: bool = True) -> None:
-        self.grpc_port = free_port()
-        self.rest_port = free_port() if rest else 0
-        self.log_path = log_path
-        command = [sys.executable, "-m", "pyserving", "--host=127.0.0.1", f"--port={self.grpc_port}",
-                   f"--rest_api_port={self.rest_port}", *args]
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-        self.rest = f"http://127.0.0.1:{self.rest_port}"
-        self.grpc = f"127.0.0.1:{self.grpc_port}"
+        grpc_port, rest_port = free_port(), free_port() if rest else 0
+        command = [sys.executable, "-m", "pyserving", "--host=127.0.0.1", f"--port={grpc_port}",
+                   f"--rest_api_port={rest_port}", *args]
+        log = open(log_path, "wb")
+        self._attach(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), grpc_port, rest_port,
+                     log_path, log)
+
+    @classmethod
+    def attach(cls, proc: subprocess.Popen, grpc_port: int, rest_port: int, log_path: Path) -> "Server":
+        """A Server for a process started some other way (e.g. through the container entrypoint)."""
+        server = cls.__new__(cls)
+        server._attach(proc, grpc_port, rest_port, log_path, None)
+        return server
+
+    def _attach(self, proc, grpc_port: int, rest_port: int, log_path: Path, log) -> None:
+        self.proc, self.grpc_port, self.rest_port, self.log_path, self._log = proc, grpc_port, rest_port, log_path, log
+        self.rest = f"http://127.0.0.1:{rest_port}"
+        self.grpc = f"127.0.0.1:{grpc_port}"
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Server":
         deadline = time.monotonic() + timeout
@@ -62,7 +71,8 @@ class Server:
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log.flush()
+        if self._log is not None:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
@@ -73,7 +83,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return self.proc.returncode
 
 

@@ -8,13 +8,14 @@ and run on worker threads (see `pyserving.concurrency`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, input_pb2, regression_pb2
 
-from pyserving import classification, tensors
+from pyserving import classification, metrics, tensors
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import Lease, ModelManager, VersionStatus
 from pyserving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, PREDICT_METHOD, REGRESS_METHOD, Servable
@@ -71,7 +72,9 @@ class DataPlane:
                 f"{CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: {signature.method_name}")
         feeds = _complete_inputs(signature, inputs)
         aliases = _output_aliases(signature, output_filter)
+        started = time.perf_counter()
         arrays = servable.run(signature, feeds, aliases, timeout_ms)
+        _record_runtime(spec.name, "Predict", started)
         return PredictResult(spec.name, version, key, dict(zip(aliases, arrays)))
 
     def classify(self, spec: ModelSpec, request_input: input_pb2.Input, timeout_ms: int = 0,
@@ -79,20 +82,20 @@ class DataPlane:
                  ) -> tuple[int, str, classification_pb2.ClassificationResult]:
         """Run a classification signature on tf.Examples: (version, signature key, result)."""
         version, key, outputs, count = self._run_examples(
-            spec, request_input, timeout_ms, target, classification.check_classify_signature)
+            spec, request_input, timeout_ms, target, classification.check_classify_signature, "Classify")
         return version, key, classification.classification_result(outputs, count)
 
     def regress(self, spec: ModelSpec, request_input: input_pb2.Input, timeout_ms: int = 0,
                 target: tuple[int, Servable] | None = None) -> tuple[int, str, regression_pb2.RegressionResult]:
         """Run a regression signature on tf.Examples: (version, signature key, result)."""
         version, key, outputs, count = self._run_examples(
-            spec, request_input, timeout_ms, target, classification.check_regress_signature)
+            spec, request_input, timeout_ms, target, classification.check_regress_signature, "Regress")
         return version, key, classification.regression_result(outputs[classification.OUTPUTS], count)
 
-    def _run_examples(self, spec, request_input, timeout_ms, target, check):
+    def _run_examples(self, spec, request_input, timeout_ms, target, check, api):
         if target is None:
             with self.lease(spec) as leased:
-                return self._run_examples(spec, request_input, timeout_ms, leased, check)
+                return self._run_examples(spec, request_input, timeout_ms, leased, check, api)
         version, servable = target
         key = spec.signature_name or DEFAULT_SIGNATURE
         signature = servable.signature_defs.get(key)
@@ -100,7 +103,10 @@ class DataPlane:
             raise invalid_argument(f"No signature was found with the name: {key}")
         aliases = check(signature, self._method_name_check)
         examples = classification.serialized_examples(request_input)
+        metrics.record_examples(spec.name, len(examples))
+        started = time.perf_counter()
         arrays = servable.run(signature, {classification.INPUTS: examples}, aliases, timeout_ms)
+        _record_runtime(spec.name, api, started)
         return version, key, dict(zip(aliases, arrays)), len(examples)
 
     def multi_inference(self, tasks: list[tuple[ModelSpec, str]], request_input: input_pb2.Input,
@@ -134,8 +140,11 @@ class DataPlane:
                 raise ServingError(Code.UNIMPLEMENTED, f"Unsupported signature method_name: {method}")
             runs.append((key, method, signature, checks[method](signature, self._method_name_check)))
         examples = classification.serialized_examples(request_input)
+        metrics.record_examples(tasks[0][0].name, len(examples))
+        started = time.perf_counter()
         outputs = servable.run_multi([(signature, aliases) for _, _, signature, aliases in runs],
                                      {classification.INPUTS: examples}, timeout_ms)
+        _record_runtime(tasks[0][0].name, "MultiInference", started)
         results = []
         for (key, method, _, aliases), arrays in zip(runs, outputs):
             if method == CLASSIFY_METHOD:
@@ -162,6 +171,11 @@ class DataPlane:
 
     def status(self, name: str, version: int | None) -> list[VersionStatus]:
         return self._manager.status(name, version)
+
+
+def _record_runtime(model: str, api: str, started: float) -> None:
+    """runtime_latency: time inside the session run (the runtime is a TF1-style Session for every model)."""
+    metrics.RUNTIME_LATENCY.observe(model, api, "TF1", value=(time.perf_counter() - started) * 1e6)
 
 
 def _complete_inputs(signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]

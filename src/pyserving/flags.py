@@ -34,13 +34,10 @@ class Options:
                                "Port to listen on for HTTP/REST API; 0 disables REST. Must differ from --port")
     rest_api_num_threads: int = _flag(4 * _CPUS, INT32, "Number of threads for HTTP/REST API processing")
     rest_api_timeout_in_ms: int = _flag(30000, INT32, "Timeout for HTTP/REST API inference calls (ms)")
-    rest_api_enable_cors_support: bool = _flag(False, "bool", "Enable CORS headers in REST API responses",
-                                               pending="operations (#5)")
-    grpc_channel_arguments: str = _flag("", "string", "Comma separated list of gRPC channel arguments key=value",
-                                        pending="operations (#5)")
+    rest_api_enable_cors_support: bool = _flag(False, "bool", "Enable CORS headers in REST API responses")
+    grpc_channel_arguments: str = _flag("", "string", "Comma separated list of gRPC channel arguments key=value")
     grpc_max_threads: int = _flag(4 * _CPUS, INT32, "Max gRPC server threads to handle calls")
-    enable_grpc_healthcheck_service: bool = _flag(False, "bool", "Enable the standard gRPC health checking service",
-                                                  pending="operations (#5)")
+    enable_grpc_healthcheck_service: bool = _flag(False, "bool", "Enable the standard gRPC health checking service")
     # Model selection and runtime
     model_name: str = _flag("default", "string", "Name of model (ignored if --model_config_file is set)")
     model_base_path: str = _flag("", "string", "Path to export (ignored if --model_config_file is set)")
@@ -81,11 +78,11 @@ class Options:
     enable_per_model_batching_parameters: bool = _flag(
         False, "bool", "Read batching_params.pbtxt from each version folder", pending="batching (#8)")
     # Monitoring and profiling
-    monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig", pending="operations (#5)")
+    monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig")
     enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service",
                                   pending="not planned (no TF profiler service)")
     # Security
-    ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS", pending="operations (#5)")
+    ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS")
     use_alts_credentials: bool = _flag(False, "bool", "Use Google ALTS credentials", pending="not planned")
     # Threading, performance, hardware
     tensorflow_session_parallelism: int = _flag(0, INT64, "Threads for TF sessions (0 = auto); sets intra and inter")
@@ -106,6 +103,12 @@ class Options:
     version: bool = _flag(False, "bool", "Display version and exit")
     # pyserving extensions
     host: str = _flag("0.0.0.0", "string", "pyserving: address the gRPC and REST listeners bind to")
+    shutdown_grace_period_seconds: int = _flag(
+        30, INT32, "pyserving: on SIGTERM/SIGINT, how long in-flight requests may take before the server exits")
+    rest_api_max_body_bytes: int = _flag(64 * 1024 * 1024, INT64,
+                                         "pyserving: largest REST request body accepted (413 beyond it)")
+    rest_api_enable_ssl: bool = _flag(False, "bool",
+                                      "pyserving: serve REST over TLS with the --ssl_config_file certificates")
 
     def saved_model_tag_list(self) -> list[str]:
         return [t for t in self.saved_model_tags.split(",") if t]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,10 +19,10 @@ from tensorflow_serving.apis import (
     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc, regression_pb2, status_pb2,
 )
 
-from pyserving import model_config, tensors
+from pyserving import metrics, model_config, tensors
 from pyserving.concurrency import run_sync
 from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
-from pyserving.errors import ServingError, invalid_argument
+from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import VersionStatus
 from pyserving.servable import CLASSIFY_METHOD
 from pyserving.server_core import ServerCore
@@ -51,12 +52,25 @@ def _session_timeout_ms(remaining_s: float | None) -> int:
     return 1 << (millis - 1).bit_length()
 
 
-async def _unary(pool: ThreadPoolExecutor, fn, request, context: grpc.aio.ServicerContext):
-    """Run a handler on a worker thread; a ServingError becomes the RPC status."""
+async def _unary(pool: ThreadPoolExecutor, fn, request, context: grpc.aio.ServicerContext, api: str = ""):
+    """Run a handler on a worker thread; a ServingError becomes the RPC status.
+
+    With `api` (Predict, Classify, Regress) the call counts in request_count and,
+    when it succeeds, request_latency, as in TF Serving.
+    """
+    started = time.perf_counter()
+    code = Code.OK
     try:
         return await run_sync(pool, fn, request)
     except ServingError as exc:
+        code = exc.code
         await context.abort(exc.grpc_code, exc.grpc_message)
+    finally:
+        if api:
+            model = request.model_spec.name
+            metrics.REQUEST_COUNT.inc(model, code.name)
+            if code == Code.OK:
+                metrics.REQUEST_LATENCY.observe(model, api, "GRPC", value=(time.perf_counter() - started) * 1e6)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -67,7 +81,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(self._pool, functools.partial(self._predict, timeout_ms=timeout_ms), request, context)
+        return await _unary(self._pool, functools.partial(self._predict, timeout_ms=timeout_ms), request, context,
+                            "Predict")
 
     def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
         if not request.HasField("model_spec"):
@@ -97,7 +112,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def Classify(self, request: classification_pb2.ClassificationRequest, context):
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(self._pool, functools.partial(self._classify, timeout_ms=timeout_ms), request, context)
+        return await _unary(self._pool, functools.partial(self._classify, timeout_ms=timeout_ms), request, context,
+                            "Classify")
 
     def _classify(self, request: classification_pb2.ClassificationRequest, timeout_ms: int):
         if not request.HasField("model_spec"):
@@ -109,7 +125,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def Regress(self, request: regression_pb2.RegressionRequest, context):
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(self._pool, functools.partial(self._regress, timeout_ms=timeout_ms), request, context)
+        return await _unary(self._pool, functools.partial(self._regress, timeout_ms=timeout_ms), request, context,
+                            "Regress")
 
     def _regress(self, request: regression_pb2.RegressionRequest, timeout_ms: int):
         if not request.HasField("model_spec"):

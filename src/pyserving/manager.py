@@ -296,6 +296,12 @@ class ModelManager:
             record.leases += 1
         return Lease(self, record)
 
+    def is_serving(self, name: str) -> bool:
+        """Whether `name` has an AVAILABLE version."""
+        with self._lock:
+            model = self._models.get(name)
+            return model is not None and any(r.status.state == State.AVAILABLE for r in model.versions.values())
+
     def _release(self, record: _Version) -> None:
         with self._lock:
             record.leases -= 1

@@ -11,9 +11,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from pyserving import config_protos
 from pyserving.errors import Code, ServingError, invalid_argument
 
 log = logging.getLogger("pyserving")
@@ -47,18 +47,7 @@ def single_model(name: str, base_path: str) -> list[ModelConfig]:
 
 def read_file(path: str) -> model_server_config_pb2.ModelServerConfig:
     """Parse a text-format ModelServerConfig file; `ServingError` if unreadable or unparsable."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ServingError(Code.NOT_FOUND, f"{path}; {getattr(exc, 'strerror', None) or exc}") from None
-    config = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as exc:
-        log.error("Failed to parse %s: %s", path, exc)
-        raise invalid_argument(f"Invalid protobuf file: '{path}'") from None
-    return config
+    return config_protos.parse_file(path, model_server_config_pb2.ModelServerConfig)
 
 
 def from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[ModelConfig]:

@@ -9,19 +9,24 @@ bodies for some early errors) are easier to reproduce with two regexes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
+import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from urllib.parse import unquote
 
+import orjson
 from google.protobuf import json_format
 
-from pyserving import json_codec, json_examples
+from pyserving import json_codec, json_examples, metrics
 from pyserving.concurrency import run_sync
 from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
-from pyserving.errors import ServingError, invalid_argument
+from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import VersionStatus
 from pyserving.servable import DEFAULT_SIGNATURE
 from pyserving.sources import parse_version
@@ -36,6 +41,12 @@ _ORIGIN = re.compile(r"https?://.*")
 MAX_UNCOMPRESSED_BYTES = 100 * 1024 * 1024
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_CORS_HEADERS = [(b"access-control-allow-origin", b"*"), (b"access-control-allow-methods", b"POST, GET"),
+                 (b"access-control-allow-headers", b"Content-Type")]
+# The rest of an oversized body is never read, so the connection cannot be reused.
+_CLOSE = [(b"connection", b"close")]
+_HEALTHZ = "/healthz"
+_READYZ = "/readyz"
 # libevent's default error page, which TF Serving returns for paths outside /v1/.
 _NOT_FOUND_PAGE = b"<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n</BODY></HTML>\n"
 
@@ -44,13 +55,29 @@ class _EmptyBodyError(Exception):
     """An early routing error TF Serving answers with a 400 and no body."""
 
 
-class RestApi:
-    """ASGI app serving `/v1/models/...`."""
+class _BodyTooLarge(Exception):
+    pass
 
-    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor, timeout_ms: int) -> None:
+
+@dataclass(frozen=True)
+class RestSettings:
+    timeout_ms: int = 0
+    cors: bool = False
+    max_body_bytes: int = 64 * 1024 * 1024
+    metrics_path: str | None = None  # None: no Prometheus endpoint
+
+
+class RestApi:
+    """ASGI app serving `/v1/models/...`, plus `/healthz`, `/readyz` and the Prometheus path."""
+
+    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor, settings: RestSettings,
+                 readiness: Callable[[], tuple[bool, dict]]) -> None:
         self._dataplane = dataplane
         self._pool = pool
-        self._timeout_ms = timeout_ms
+        self._settings = settings
+        self._readiness = readiness
+        self._cors = _CORS_HEADERS if settings.cors else []
+        self._json_headers = _JSON_HEADERS + self._cors
 
     async def __call__(self, scope, receive, send) -> None:
         """ASGI entry point."""
@@ -61,41 +88,68 @@ class RestApi:
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
         method = scope["method"]
+        if method == "GET" and path in (_HEALTHZ, _READYZ) or path == self._settings.metrics_path:
+            await self._operations(send, path)
+            return
         if not _V1.fullmatch(path):
             await _respond(send, 404, _NOT_FOUND_PAGE, [(b"content-type", b"text/html; charset=ISO-8859-1")])
             return
         if method == "OPTIONS":
             origin = _header(scope, b"origin")
             ok = origin is not None and _ORIGIN.fullmatch(origin.decode("latin-1"))
-            await _respond(send, 200 if ok else 400, b"", [])
+            await _respond(send, 200 if ok else 400, b"", self._cors)
             return
         try:
-            body = await _read_body(receive, _header(scope, b"content-encoding"))
+            body = await _read_body(receive, scope, self._settings.max_body_bytes)
+        except _BodyTooLarge:
+            message = f"Request body exceeds the limit of {self._settings.max_body_bytes} bytes"
+            await _respond(send, 413, json_codec.encode_error(message), self._json_headers + _CLOSE)
+            return
         except ServingError as exc:
-            await _respond(send, exc.http_status, json_codec.encode_error(exc.message), _JSON_HEADERS)
+            await _respond(send, exc.http_status, json_codec.encode_error(exc.message), self._json_headers)
             return
         status, payload = await run_sync(self._pool, self._handle, method, path, body)
-        await _respond(send, status, payload, _JSON_HEADERS)
+        await _respond(send, status, payload, self._json_headers)
+
+    async def _operations(self, send, path: str) -> None:
+        if path == _HEALTHZ:
+            await _respond(send, 200, b'{"status": "alive"}\n', _JSON_HEADERS)
+        elif path == _READYZ:
+            ready, models = self._readiness()
+            body = orjson.dumps({"ready": ready, "models": models}) + b"\n"
+            await _respond(send, 200 if ready else 503, body, _JSON_HEADERS)
+        else:
+            await _respond(send, 200, metrics.exposition(), [(b"content-type", metrics.CONTENT_TYPE)])
 
     def _handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        """Route and run one request on a worker thread; records request_count and request_latency."""
+        started = time.perf_counter()
+        model, api, code = "", "", Code.OK
         try:
-            return 200, self._route(method, path, body)
+            model, api, run = self._route(method, path)
+            status, payload = 200, run(body)
         except _EmptyBodyError:
-            return 400, b""
+            code, status, payload = Code.INVALID_ARGUMENT, 400, b""
         except ServingError as exc:
-            return exc.http_status, json_codec.encode_error(exc.message)
+            code, status, payload = exc.code, exc.http_status, json_codec.encode_error(exc.message)
         except Exception as exc:  # a bug must answer 500, not drop the connection
             log.exception("Unexpected error handling %s %s", method, path)
-            return 500, json_codec.encode_error(f"Internal error: {type(exc).__name__}: {exc}")
+            code, status = Code.INTERNAL, 500
+            payload = json_codec.encode_error(f"Internal error: {type(exc).__name__}: {exc}")
+        metrics.REQUEST_COUNT.inc(model, code.name)
+        if code == Code.OK:
+            metrics.REQUEST_LATENCY.observe(model, api, "REST", value=(time.perf_counter() - started) * 1e6)
+        return status, payload
 
-    def _route(self, method: str, path: str, body: bytes) -> bytes:
+    def _route(self, method: str, path: str) -> tuple[str, str, Callable[[bytes], bytes]]:
+        """(model name, API label, handler of the body) for a request."""
         if method == "POST":
             match = _POST.fullmatch(path)
             if match and match.group(4) in ("predict", "classify", "regress"):
                 spec = _model_spec(*match.group(1, 2, 3))
                 if match.group(4) == "predict":
-                    return self._predict(spec, body)
-                return self._classify_or_regress(match.group(4), spec, body)
+                    return spec.name, "predict", functools.partial(self._predict, spec)
+                return spec.name, match.group(4), functools.partial(self._classify_or_regress, match.group(4), spec)
         elif method == "GET":
             match = _GET.fullmatch(path)
             if match:
@@ -103,8 +157,8 @@ class RestApi:
                     raise invalid_argument("Missing model name in request.")
                 spec = _model_spec(*match.group(1, 2, 3))
                 if match.group(4) == "metadata":
-                    return self._metadata(spec)
-                return self._status(spec)
+                    return spec.name, "", lambda _: self._metadata(spec)
+                return spec.name, "", lambda _: self._status(spec)
         raise invalid_argument(f"Malformed request: {method} {path}")
 
     def _predict(self, spec: ModelSpec, body: bytes) -> bytes:
@@ -116,7 +170,8 @@ class RestApi:
                 raise invalid_argument(f'Serving signature name: "{signature_key}" not found in signature def')
             inputs = json_codec.decode_predict(doc, signature, signature_key, body)
             spec = ModelSpec(spec.name, spec.version, spec.label, signature_key)
-            result = self._dataplane.predict(spec, inputs.tensors, timeout_ms=self._timeout_ms, target=target)
+            result = self._dataplane.predict(spec, inputs.tensors, timeout_ms=self._settings.timeout_ms,
+                                             target=target)
         return json_codec.encode_predict(result.outputs, inputs.format)
 
     def _classify_or_regress(self, method: str, spec: ModelSpec, body: bytes) -> bytes:
@@ -124,9 +179,9 @@ class RestApi:
         spec = ModelSpec(spec.name, spec.version, spec.label, json_codec.signature_name(doc))
         request_input = json_examples.decode_input(doc)
         if method == "classify":
-            _, _, result = self._dataplane.classify(spec, request_input, self._timeout_ms)
+            _, _, result = self._dataplane.classify(spec, request_input, self._settings.timeout_ms)
             return json_examples.encode_classification(result)
-        _, _, result = self._dataplane.regress(spec, request_input, self._timeout_ms)
+        _, _, result = self._dataplane.regress(spec, request_input, self._settings.timeout_ms)
         return json_examples.encode_regression(result)
 
     def _metadata(self, spec: ModelSpec) -> bytes:
@@ -176,14 +231,22 @@ def _header(scope, name: bytes) -> bytes | None:
     return None
 
 
-async def _read_body(receive, encoding: bytes | None) -> bytes:
-    chunks = []
-    more = True
+async def _read_body(receive, scope, limit: int) -> bytes:
+    """The whole body (gunzipped if so encoded); `_BodyTooLarge` past `limit` bytes on the wire."""
+    length = _header(scope, b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _BodyTooLarge()
+    chunks, size, more = [], 0, True
     while more:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge()
+        chunks.append(chunk)
         more = message.get("more_body", False)
     body = b"".join(chunks)
+    encoding = _header(scope, b"content-encoding")
     if encoding is not None and b"gzip" in encoding:
         return _gunzip(body)
     return body
@@ -203,5 +266,6 @@ def _gunzip(body: bytes) -> bytes:
 
 
 async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
-from pyserving import model_config, warmup
+from pyserving import metrics, model_config, warmup
 from pyserving.dataplane import DataPlane
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
@@ -45,12 +46,20 @@ class ServerCore:
         self.dataplane = DataPlane(self.manager, options.enable_signature_method_name_check)
         self._source = FileSystemSource(self.manager, options.file_system_poll_wait_seconds)
         self._configs: list[ModelConfig] = []
+        self.draining = False  # set on SIGTERM: not ready any more
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._config_poller: threading.Thread | None = None
 
     def _load(self, path: str) -> Servable:
-        servable = SavedModelServable(path, self._options.saved_model_tag_list(), self._session_config)
+        started = time.monotonic()
+        try:
+            servable = SavedModelServable(path, self._options.saved_model_tag_list(), self._session_config)
+        except BaseException:
+            metrics.LOAD_ATTEMPT_COUNT.inc(path, "fail")
+            raise
+        metrics.LOAD_ATTEMPT_COUNT.inc(path, "success")
+        metrics.LOAD_LATENCY.inc(path, amount=(time.monotonic() - started) * 1e6)
         if self._options.enable_model_warmup:
             try:
                 warmup.replay(path, servable, self.dataplane, self._options.num_request_iterations_for_warmup)
@@ -96,6 +105,11 @@ class ServerCore:
                 raise ServingError(Code.UNKNOWN, f"{len(ids)} servable(s) did not become available: {{{details}}}")
             details = "".join(f"{{{i}}}, " for i in ids)
             raise ServingError(Code.UNKNOWN, f"{len(ids)} model(s) did not become available: {{{details}}}")
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready when not shutting down and every configured model has an AVAILABLE version."""
+        models = {c.name: "AVAILABLE" if self.manager.is_serving(c.name) else "NOT_AVAILABLE" for c in self._configs}
+        return not self.draining and all(state == "AVAILABLE" for state in models.values()), models
 
     def _poll_config_file(self, period: int) -> None:
         path = self._options.model_config_file

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorflow.python.util import deprecation
 from tensorflow_serving.apis import prediction_log_pb2
 
-from pyserving import tensors
+from pyserving import metrics, tensors
 from pyserving.dataplane import DataPlane, ModelSpec
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.servable import Servable
@@ -35,7 +35,7 @@ def replay(path: str, servable: Servable, dataplane: DataPlane, iterations: int)
     log.info("Starting to read warmup data for model at %s with model-warmup-options num_request_iterations: %d",
              file, max(iterations, 1))
     started = time.monotonic()
-    count = 0
+    count, status = 0, Code.OK
     try:
         for raw in _records(file):
             try:
@@ -48,8 +48,15 @@ def replay(path: str, servable: Servable, dataplane: DataPlane, iterations: int)
             if count > MAX_RECORDS:
                 raise invalid_argument(f"Number of warmup records exceeds the maximum ({MAX_RECORDS}) at {file}")
     except tf.errors.DataLossError as exc:
+        status = Code.DATA_LOSS
         raise ServingError(Code.DATA_LOSS,
                            f"{exc.message}. Please verify your warmup data is in TFRecord format.") from None
+    except ServingError as exc:
+        status = exc.code
+        raise
+    finally:
+        metrics.MODEL_WARMUP_LATENCY.observe(path, status.name, value=(time.monotonic() - started) * 1e6)
+        metrics.MODEL_WARMUP_RECORDS_READ.inc(path, status.name, amount=count)
     log.info("Finished reading warmup data for model at %s. Number of warmup records read: %d. "
              "Elapsed time (microseconds): %d.", file, count, (time.monotonic() - started) * 1e6)
 

@@ -1,0 +1,72 @@
+"""Text-format config files, and the TF Serving config messages the `tensorflow-serving-api` wheel lacks.
+
+`MonitoringConfig` (monitoring_config.proto) and `SSLConfig` (ssl_config.proto)
+are declared here field for field, with TF Serving's package, names and numbers,
+so text-format files written for TF Serving parse unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory, text_format
+
+from pyserving.errors import Code, ServingError, invalid_argument
+
+log = logging.getLogger("pyserving")
+M = TypeVar("M", bound=message.Message)
+
+_F = descriptor_pb2.FieldDescriptorProto
+
+
+def _file(name: str, messages: dict[str, list[tuple[str, int, int, str]]]) -> descriptor_pb2.FileDescriptorProto:
+    """A proto3 file in package tensorflow.serving; fields are (name, number, type, message type name)."""
+    proto = descriptor_pb2.FileDescriptorProto(name=name, package="tensorflow.serving", syntax="proto3")
+    for message_name, fields in messages.items():
+        message = proto.message_type.add(name=message_name)
+        for field_name, number, kind, type_name in fields:
+            field = message.field.add(name=field_name, number=number, type=kind, label=_F.LABEL_OPTIONAL)
+            if type_name:
+                field.type_name = type_name
+    return proto
+
+
+def _messages(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, type]:
+    pool = descriptor_pool.Default()
+    try:
+        descriptor = pool.FindFileByName(proto.name)
+    except KeyError:
+        descriptor = pool.AddSerializedFile(proto.SerializeToString())
+    return {name: message_factory.GetMessageClass(descriptor.message_types_by_name[name])
+            for name in descriptor.message_types_by_name}
+
+
+_MONITORING = _messages(_file("tensorflow_serving/config/monitoring_config.proto", {
+    "PrometheusConfig": [("enable", 1, _F.TYPE_BOOL, ""), ("path", 2, _F.TYPE_STRING, "")],
+    "MonitoringConfig": [("prometheus_config", 1, _F.TYPE_MESSAGE, ".tensorflow.serving.PrometheusConfig")],
+}))
+_SSL = _messages(_file("tensorflow_serving/config/ssl_config.proto", {
+    "SSLConfig": [("server_key", 1, _F.TYPE_STRING, ""), ("server_cert", 2, _F.TYPE_STRING, ""),
+                  ("custom_ca", 3, _F.TYPE_STRING, ""), ("client_verify", 4, _F.TYPE_BOOL, "")],
+}))
+
+MonitoringConfig = _MONITORING["MonitoringConfig"]
+PrometheusConfig = _MONITORING["PrometheusConfig"]
+SSLConfig = _SSL["SSLConfig"]
+
+
+def parse_file(path: str, message_class: type[M]) -> M:
+    """Read a text-format proto file with TF Serving's errors (NOT_FOUND, `Invalid protobuf file`)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServingError(Code.NOT_FOUND, f"{path}; {getattr(exc, 'strerror', None) or exc}") from None
+    parsed = message_class()
+    try:
+        text_format.Parse(text, parsed)
+    except text_format.ParseError as exc:
+        log.error("Error parsing text-format %s: %s", parsed.DESCRIPTOR.full_name, exc)
+        raise invalid_argument(f"Invalid protobuf file: '{path}'") from None
+    return parsed

@@ -1,0 +1,119 @@
+"""Prometheus metrics under TF Serving's names, labels and bucket layouts, exposed with prometheus-client.
+
+TF Serving's counters have no `_total` suffix (`:tensorflow:serving:request_count`),
+which prometheus-client's counter type would add; they are exported as untyped
+samples under their exact names so that existing dashboards and alerts keep
+working. Histograms are regular Prometheus histograms. Process metrics
+(CPU, memory, file descriptors) come from prometheus-client's ProcessCollector.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_PATH = "/monitoring/prometheus/metrics"
+
+
+def _exponential(scale: float, growth: float, count: int) -> list[float]:
+    return [scale * growth**i for i in range(count)]
+
+
+class _Counter:
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...]) -> None:
+        self.name, self._help, self._labels = name, help_text, labels
+        self._values: dict[tuple[str, ...], float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def inc(self, *label_values: str, amount: float = 1) -> None:
+        with self._lock:
+            self._values[label_values] += amount
+
+    def collect(self) -> Metric:
+        metric = Metric(self.name, self._help, "unknown")
+        with self._lock:
+            for values, total in self._values.items():
+                metric.add_sample(self.name, dict(zip(self._labels, values)), total)
+        return metric
+
+
+class _Histogram:
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...], bounds: list[float]) -> None:
+        self.name, self._help, self._labels, self._bounds = name, help_text, labels, bounds
+        self._series: dict[tuple[str, ...], list] = {}  # [bucket counts..., +Inf count, sum]
+        self._lock = threading.Lock()
+
+    def observe(self, *label_values: str, value: float) -> None:
+        index = bisect.bisect_left(self._bounds, value)
+        with self._lock:
+            series = self._series.get(label_values)
+            if series is None:
+                series = self._series[label_values] = [0] * (len(self._bounds) + 1) + [0.0]
+            series[index] += 1
+            series[-1] += value
+
+    def collect(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self._help, labels=list(self._labels))
+        with self._lock:
+            for values, series in self._series.items():
+                cumulative, buckets = 0, []
+                for bound, count in zip([f"{b:.6g}" for b in self._bounds] + ["+Inf"], series[:-1]):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                family.add_metric(list(values), buckets, series[-1])
+        return family
+
+
+_LATENCY_US = _exponential(10, 1.8, 33)
+
+REQUEST_COUNT = _Counter(":tensorflow:serving:request_count", "The total number of requests.",
+                         ("model_name", "status"))
+REQUEST_LATENCY = _Histogram(":tensorflow:serving:request_latency",
+                             "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+                             ("model_name", "API", "entrypoint"), _LATENCY_US)
+RUNTIME_LATENCY = _Histogram(":tensorflow:serving:runtime_latency",
+                             "Distribution of wall time (in microseconds) for Tensorflow Serving runtime.",
+                             ("model_name", "API", "runtime"), _LATENCY_US)
+REQUEST_EXAMPLE_COUNTS = _Histogram(":tensorflow:serving:request_example_counts",
+                                    "The number of tensorflow.Examples per request.", ("model",),
+                                    _exponential(1, 2, 15))
+REQUEST_EXAMPLE_COUNT_TOTAL = _Counter(":tensorflow:serving:request_example_count_total",
+                                       "The total number of tensorflow.Examples.", ("model",))
+MODEL_WARMUP_LATENCY = _Histogram(":tensorflow:serving:model_warmup_latency",
+                                  "Distribution of wall time (in microseconds) for warming up the model.",
+                                  ("model_path", "status"), _LATENCY_US)
+MODEL_WARMUP_RECORDS_READ = _Counter(":tensorflow:serving:model_warmup_records_read",
+                                     "The number of warmup records read.", ("model_path", "status"))
+LOAD_ATTEMPT_COUNT = _Counter(":tensorflow:cc:saved_model:load_attempt_count",
+                              "The number of times a SavedModel was successfully loaded.", ("model_path", "status"))
+LOAD_LATENCY = _Counter(":tensorflow:cc:saved_model:load_latency",
+                        "Latency in microseconds for SavedModels that were successfully loaded.", ("model_path",))
+
+_ALL = [REQUEST_COUNT, REQUEST_LATENCY, RUNTIME_LATENCY, REQUEST_EXAMPLE_COUNTS, REQUEST_EXAMPLE_COUNT_TOTAL,
+        MODEL_WARMUP_LATENCY, MODEL_WARMUP_RECORDS_READ, LOAD_ATTEMPT_COUNT, LOAD_LATENCY]
+
+
+class _Collector:
+    def collect(self):
+        for metric in _ALL:
+            yield metric.collect()
+
+
+_REGISTRY = CollectorRegistry(auto_describe=False)
+_REGISTRY.register(_Collector())
+ProcessCollector(registry=_REGISTRY)
+
+
+def exposition() -> bytes:
+    """Every metric in the Prometheus text format."""
+    return generate_latest(_REGISTRY)
+
+
+def record_examples(model: str, count: int) -> None:
+    REQUEST_EXAMPLE_COUNTS.observe(model, value=count)
+    REQUEST_EXAMPLE_COUNT_TOTAL.inc(model, amount=count)
