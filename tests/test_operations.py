@@ -382,3 +382,16 @@ def test_grpc_channel_arguments(start_server):
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(predict_request(), timeout=30)
     assert list(response.outputs["y"].float_val) == [2.5, 3.0, 4.5]
     assert "Ignoring gRPC channel argument without '=': broken" in server.output()
+
+
+def test_not_ready_before_the_initial_load(start_server, tmp_path):
+    base = tmp_path / "m"
+    base.mkdir()
+    server = start_server("--model_name=m", f"--model_base_path={base}", ready=False)
+    time.sleep(3)  # the server is up, waiting for a version folder
+    assert server.proc.poll() is None
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.rest + "/readyz", timeout=5)
+    shutil.copytree(Path(HALF_PLUS_TWO) / "00000123", base / "1")
+    server.wait_ready()
+    assert requests.get(server.rest + "/readyz", timeout=10).json() == {"ready": True, "models": {"m": "AVAILABLE"}}
