@@ -115,6 +115,6 @@ def test_model_whose_signature_reads_unrestored_variables_fails_at_load(tmp_path
     assert result.returncode == 255
     # Keras numbers its layer names per process (sequential_1/dense_2/...).
     assert re.search(r"\{name: wrapped version: 1\} due to error: FAILED_PRECONDITION: The signatures read variables "
-                     r"that the SavedModel does not restore: sequential\w*/dense\w*/bias, sequential\w*/dense\w*/kernel\.",
-                     result.stdout)
+                     r"that the SavedModel does not restore: "
+                     r"sequential\w*/dense\w*/bias, sequential\w*/dense\w*/kernel\.", result.stdout)
     assert "A Keras 3 model saved with tf.saved_model.save inside another object does this" in result.stdout
