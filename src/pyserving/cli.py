@@ -1,7 +1,8 @@
 """Entry point of `pyserving` and `tensorflow_model_server`.
 
-Heavy imports (TensorFlow, gRPC) happen only after the flags are parsed, so
-`--help` and `--version` answer at once.
+With `--flags` it is the server; `pyserving inspect|convert|warmup ...` runs a
+tool (`pyserving.tools`). Heavy imports (TensorFlow, gRPC) happen only after the
+arguments are parsed, so `--help` and `--version` answer at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import sys
 
-from pyserving import __version__, flags
+from pyserving import __version__, flags, tools
 
 log = logging.getLogger("pyserving")
 
@@ -47,6 +48,8 @@ def _tensorflow_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in tools.COMMANDS:
+        return tools.main(args)
     try:
         parsed = flags.parse(args)
     except flags.UsageError as exc:

@@ -15,14 +15,41 @@ import threading
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+from google.protobuf import text_format
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 
 from pyserving.errors import Code, ServingError, from_tf_error
 
-_SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # Feed/fetch combinations are few per signature; the bound only stops a client
 # cycling through output_filter subsets from growing the cache without limit.
 _MAX_CALLABLES = 256
+
+
+def read_signature_defs(path: str, tags: list[str]) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The signatures of the MetaGraph tagged `tags` in a version folder, read from disk without loading it."""
+    for name in SAVED_MODEL_FILES:
+        file = os.path.join(path, name)
+        if os.path.exists(file):
+            break
+    else:
+        raise ServingError(Code.NOT_FOUND,
+                           f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}")
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        with open(file, "rb") as handle:
+            data = handle.read()
+        if file.endswith(".pbtxt"):
+            text_format.Parse(data.decode("utf-8"), saved_model)
+        else:
+            saved_model.ParseFromString(data)
+    except Exception as exc:
+        raise ServingError(Code.DATA_LOSS, f"Cannot parse {file}: {exc}") from None
+    for meta_graph in saved_model.meta_graphs:
+        if set(meta_graph.meta_info_def.tags) == set(tags):
+            return dict(meta_graph.signature_def)
+    available = [",".join(m.meta_info_def.tags) for m in saved_model.meta_graphs]
+    raise ServingError(Code.NOT_FOUND, f"No MetaGraph tagged {','.join(tags)} in {file} (found: {available})")
 
 
 def session_config(intra_op: int, inter_op: int) -> config_pb2.ConfigProto:
@@ -38,7 +65,7 @@ class SavedModelServable:
     """A SavedModel version loaded into its own graph and session."""
 
     def __init__(self, path: str, tags: list[str], config: config_pb2.ConfigProto) -> None:
-        if not any(os.path.exists(os.path.join(path, f)) for f in _SAVED_MODEL_FILES):
+        if not any(os.path.exists(os.path.join(path, f)) for f in SAVED_MODEL_FILES):
             raise ServingError(
                 Code.NOT_FOUND,
                 f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}",

@@ -1,0 +1,86 @@
+"""`pyserving warmup`: REST request bodies become a TF Serving warmup file.
+
+Each body is decoded exactly as the REST API would decode it (against the
+version's own signatures), then written as a `PredictionLog` record to
+`<version>/assets.extra/tf_serving_warmup_requests`, a TFRecord file that
+TF Serving reads too. `examples` bodies become classify or regress records,
+whichever the signature's outputs (`classes`/`scores` or `outputs`) make it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import orjson
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from pyserving import classification, json_codec, json_examples, tensors
+from pyserving.errors import ServingError
+from pyserving.runtimes.tf_saved_model import read_signature_defs
+from pyserving.servable import DEFAULT_SIGNATURE
+from pyserving.tools import ToolError
+from pyserving.tools.inspect import newest_version
+from pyserving.warmup import WARMUP_FILE
+
+
+def write(base_path: str, requests_file: str, version: int | None, tags: list[str]) -> tuple[str, int]:
+    """Write the warmup file of `version` (default: newest); return its path and record count."""
+    _, folder = newest_version(base_path, version)
+    signatures = read_signature_defs(folder, tags)
+    try:
+        with open(requests_file, "rb") as handle:
+            bodies = json.loads(handle.read())
+    except json.JSONDecodeError as exc:
+        raise ToolError(f"{requests_file} is not JSON: {exc}") from None
+    if not isinstance(bodies, list) or not bodies:
+        raise ToolError(f"{requests_file} must hold a non-empty JSON list of request bodies")
+    name = os.path.basename(os.path.normpath(base_path))
+    records = []
+    for index, body in enumerate(bodies):
+        try:
+            records.append(_record(name, body, signatures).SerializeToString())
+        except ServingError as exc:
+            raise ToolError(f"request {index}: {exc.message}") from None
+    path = os.path.join(folder, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return path, len(records)
+
+
+def _record(name: str, body, signatures) -> prediction_log_pb2.PredictionLog:
+    if not isinstance(body, dict):
+        raise ToolError("each request body must be a JSON object")
+    key = json_codec.signature_name(body)
+    signature = signatures.get(key or DEFAULT_SIGNATURE)
+    if signature is None:
+        raise ToolError(f'signature "{key or DEFAULT_SIGNATURE}" is not in the model '
+                        f"(it has: {', '.join(sorted(signatures))})")
+    log = prediction_log_pb2.PredictionLog()
+    if "examples" in body:
+        request_input = json_examples.decode_input(body)
+        if _is_classify(signature):
+            request = log.classify_log.request
+        else:
+            classification.check_regress_signature(signature, method_name_check=False)
+            request = log.regress_log.request
+        request.input.CopyFrom(request_input)
+    else:
+        decoded = json_codec.decode_predict(body, signature, key, orjson.dumps(body))
+        request = log.predict_log.request
+        for alias, array in decoded.tensors.items():
+            request.inputs[alias].CopyFrom(tensors.to_proto(array))
+    request.model_spec.name = name
+    request.model_spec.signature_name = key
+    return log
+
+
+def _is_classify(signature) -> bool:
+    try:
+        classification.check_classify_signature(signature, method_name_check=False)
+    except ServingError:
+        return False
+    return True
