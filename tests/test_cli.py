@@ -32,7 +32,7 @@ def test_help_prints_usage_to_stdout_and_exits_255():
 def test_usage_lists_every_tensorflow_model_server_flag():
     usage = run_cli("--help").stdout
     names = [line.split("=", 1)[0].strip().lstrip("-") for line in usage.splitlines()[2:]]
-    assert len(names) == 52  # TF Serving's 48 flags plus pyserving's --host, grace period, body limit, REST TLS
+    assert len(names) == 53  # TF Serving's 48 flags plus pyserving's 5 (host, grace, body limit, read timeout, TLS)
     for name in ("grpc_socket_path", "rest_api_timeout_in_ms", "enable_grpc_healthcheck_service",
                  "model_config_file_poll_wait_seconds", "load_retry_interval_micros",
                  "enable_per_model_batching_parameters", "thread_pool_factory_config_file",

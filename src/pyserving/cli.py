@@ -69,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pyserving import server
 
-    return server.run(options)
+    code = server.run(options)
+    # Exit without joining worker threads: a load stuck inside TensorFlow (a hanging init op)
+    # must not keep a stopped server alive. Everything that had to finish has finished.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ class Options:
         30, INT32, "pyserving: on SIGTERM/SIGINT, how long in-flight requests may take before the server exits")
     rest_api_max_body_bytes: int = _flag(64 * 1024 * 1024, INT64,
                                          "pyserving: largest REST request body accepted (413 beyond it)")
+    rest_api_read_timeout_seconds: int = _flag(
+        30, INT32, "pyserving: time a REST client has to send a whole request before it is disconnected")
     rest_api_enable_ssl: bool = _flag(False, "bool",
                                       "pyserving: serve REST over TLS with the --ssl_config_file certificates")
 

@@ -13,10 +13,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from google.protobuf import wrappers_pb2
+from google.protobuf import message, message_factory, wrappers_pb2
 from tensorflow_serving.apis import (
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, inference_pb2, model_management_pb2, model_pb2,
-    model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc, regression_pb2, status_pb2,
+    model_service_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2, prediction_service_pb2_grpc,
+    regression_pb2, status_pb2,
 )
 
 from pyserving import metrics, model_config, tensors
@@ -208,6 +209,45 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def add_services(server: grpc.aio.Server, core: ServerCore, pool: ThreadPoolExecutor, tensor_content: bool) -> None:
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(core.dataplane, pool, tensor_content), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core, pool), server)
+    for servicer, service in ((PredictionService(core.dataplane, pool, tensor_content),
+                               prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]),
+                              (ModelService(core, pool), model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])):
+        server.add_generic_rpc_handlers((_handlers(servicer, service),))
+
+
+class _Unparsable:
+    """What a request that is not a valid serialized proto deserializes to."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _handlers(servicer, service) -> grpc.GenericRpcHandler:
+    """The service's unary handlers, like the generated `add_*_to_server`, but bytes that do not parse
+    as the request proto answer INVALID_ARGUMENT (gRPC's own deserializer would answer UNKNOWN)."""
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _reject_unparsable(getattr(servicer, method.name)),
+            request_deserializer=functools.partial(_parse, request_class),
+            response_serializer=response_class.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _parse(request_class, data: bytes):
+    try:
+        return request_class.FromString(data)
+    except message.DecodeError:
+        return _Unparsable(request_class.DESCRIPTOR.full_name)
+
+
+def _reject_unparsable(handler):
+    @functools.wraps(handler)
+    async def checked(request, context):
+        if isinstance(request, _Unparsable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"Failed to parse the request as {request.type_name}")
+        return await handler(request, context)
+    return checked

@@ -316,7 +316,8 @@ class PredictInputs:
 def decode_predict(doc: dict, signature: meta_graph_pb2.SignatureDef, signature_key: str,
                    body: bytes) -> PredictInputs:
     """Build input tensors from a predict request (`instances` or `inputs`)."""
-    infos = signature.inputs
+    # A plain dict: request keys may hold lone surrogates (invalid UTF-8), which a proto map rejects.
+    infos = dict(signature.inputs)
     if not infos:
         raise invalid_argument(f"Failed to get input map for signature: {signature_key or 'DEFAULT'}")
     may_hold_bools = b"true" in body or b"false" in body

@@ -49,7 +49,11 @@ def _fill_example(value, example: example_pb2.Example) -> None:
         raise invalid_argument(f"Example must be JSON object but got JSON {json_type(value)}")
     features = example.features.feature
     for name, values in value.items():
-        feature = features[name]
+        try:
+            feature = features[name]
+        except UnicodeEncodeError:  # the name held invalid UTF-8; tf.Example keys are proto strings
+            raise invalid_argument(
+                f"Feature name {name.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8") from None
         for item in values if isinstance(values, list) else [values]:
             _add_value(name, item, feature)
 

@@ -1,4 +1,4 @@
-"""The REST front-end: TF Serving's /v1 URL scheme as a raw ASGI application.
+"""The REST front-end: TF Serving's /v1 URL scheme as a raw ASGI application (and /healthz, /readyz, /openapi.yaml).
 
 A thin adapter: it routes, reads (and gunzips) the body, hands the work to a
 worker thread and maps `ServingError` to TF Serving's HTTP status and
@@ -10,6 +10,7 @@ bodies for some early errors) are easier to reproduce with two regexes.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import json
 import logging
 import re
@@ -47,6 +48,7 @@ _CORS_HEADERS = [(b"access-control-allow-origin", b"*"), (b"access-control-allow
 _CLOSE = [(b"connection", b"close")]
 _HEALTHZ = "/healthz"
 _READYZ = "/readyz"
+_OPENAPI = "/openapi.yaml"
 # libevent's default error page, which TF Serving returns for paths outside /v1/.
 _NOT_FOUND_PAGE = b"<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n</BODY></HTML>\n"
 
@@ -57,6 +59,10 @@ class _EmptyBodyError(Exception):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _ClientGone(Exception):
+    """The client disconnected (or was disconnected) before sending the whole body."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ class RestApi:
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
         method = scope["method"]
-        if method == "GET" and path in (_HEALTHZ, _READYZ) or path == self._settings.metrics_path:
+        if method == "GET" and path in (_HEALTHZ, _READYZ, _OPENAPI) or path == self._settings.metrics_path:
             await self._operations(send, path)
             return
         if not _V1.fullmatch(path):
@@ -101,6 +107,8 @@ class RestApi:
             return
         try:
             body = await _read_body(receive, scope, self._settings.max_body_bytes)
+        except _ClientGone:
+            return
         except _BodyTooLarge:
             message = f"Request body exceeds the limit of {self._settings.max_body_bytes} bytes"
             await _respond(send, 413, json_codec.encode_error(message), self._json_headers + _CLOSE)
@@ -118,6 +126,8 @@ class RestApi:
             ready, models = self._readiness()
             body = orjson.dumps({"ready": ready, "models": models}) + b"\n"
             await _respond(send, 200 if ready else 503, body, _JSON_HEADERS)
+        elif path == _OPENAPI:
+            await _respond(send, 200, _openapi_document(), [(b"content-type", b"application/yaml")])
         else:
             await _respond(send, 200, metrics.exposition(), [(b"content-type", metrics.CONTENT_TYPE)])
 
@@ -203,6 +213,11 @@ def _proto_json(document: dict) -> str:
     return json.dumps(document, indent=1, ensure_ascii=False) + "\n"
 
 
+@functools.cache
+def _openapi_document() -> bytes:
+    return importlib.resources.files("pyserving").joinpath("openapi.yaml").read_bytes()
+
+
 def _status_json(status: VersionStatus) -> dict:
     error = status.error
     return {
@@ -239,6 +254,8 @@ async def _read_body(receive, scope, limit: int) -> bytes:
     chunks, size, more = [], 0, True
     while more:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -21,6 +21,7 @@ import tempfile
 import grpc
 import uvicorn
 import uvloop
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -185,7 +186,9 @@ async def _start_rest(options: Options, core: ServerCore, tls: config_protos.SSL
     settings = RestSettings(options.rest_api_timeout_in_ms, options.rest_api_enable_cors_support,
                             options.rest_api_max_body_bytes, metrics_path)
     app = RestApi(core.dataplane, worker_pool(options.rest_api_num_threads, "rest"), settings, core.readiness)
-    config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False, log_config=None,
+    protocol = type("ReadDeadlineProtocol", (_ReadDeadlineProtocol,),
+                    {"read_timeout_s": max(options.rest_api_read_timeout_seconds, 1)})
+    config = uvicorn.Config(app, http=protocol, lifespan="off", access_log=False, log_config=None,
                             server_header=False, date_header=False,
                             timeout_graceful_shutdown=max(options.shutdown_grace_period_seconds, 0))
     config.load()
@@ -209,6 +212,49 @@ async def _start_rest(options: Options, core: ServerCore, tls: config_protos.SSL
     await server.startup(sockets=[sock])
     log.info("Exporting HTTP/REST API at:localhost:%d ...", options.rest_api_port)
     return server
+
+
+class _ReadDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for receiving each whole request (headers and body).
+
+    uvicorn times out idle keep-alive connections but not a client that sends half a
+    request and goes quiet; such a client would hold its connection (and a file
+    descriptor) forever. The deadline is armed when a connection opens and when a
+    request begins, and cleared once the request is complete.
+    """
+
+    read_timeout_s = 30.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 def _monitoring(options: Options) -> str | None:
