@@ -211,7 +211,8 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 def add_services(server: grpc.aio.Server, core: ServerCore, pool: ThreadPoolExecutor, tensor_content: bool) -> None:
     for servicer, service in ((PredictionService(core.dataplane, pool, tensor_content),
                                prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]),
-                              (ModelService(core, pool), model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])):
+                              (ModelService(core, pool),
+                               model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])):
         server.add_generic_rpc_handlers((_handlers(servicer, service),))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,14 +59,31 @@ def parse_object(body: bytes) -> dict:
     return doc
 
 
+class _NumberTooBig(Exception):
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+
+def _finite_float(token: str) -> float:
+    """A JSON number with a fraction or exponent; rapidjson refuses one beyond double range (1e400)."""
+    value = float(token)
+    if math.isinf(value):
+        raise _NumberTooBig(token)
+    return value
+
+
 def _parse_lenient(body: bytes):
     text = body.decode("utf-8", "surrogateescape")
     start = len(text) - len(text.lstrip(" \t\n\r"))
     try:
-        return json.JSONDecoder().raw_decode(text, start)[0]
+        return json.JSONDecoder(parse_float=_finite_float).raw_decode(text, start)[0]
     except json.JSONDecodeError as exc:
         offset = len(text[: exc.pos].encode("utf-8", "surrogateescape"))
         raise invalid_argument(f"JSON Parse error: {_rapidjson_error(exc, text)} at offset: {offset}") from None
+    except _NumberTooBig as exc:
+        offset = len(text[: text.find(exc.token)].encode("utf-8", "surrogateescape"))
+        raise invalid_argument(f"JSON Parse error: Number too big to be stored in double. at offset: {offset}") \
+            from None
     except RecursionError:
         raise invalid_argument("JSON Parse error: Terminate parsing due to Handler error. at offset: 0") from None
 
