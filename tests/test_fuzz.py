@@ -5,6 +5,7 @@ Longer runs are described in docs/RELIABILITY.md.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from conftest import HALF_PLUS_TWO
 from models import export_kitchen
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES_PER_OPERATION = 40
+EXAMPLES_PER_OPERATION = int(os.environ.get("PYSERVING_FUZZ_EXAMPLES", "40"))
 
 
 @pytest.fixture(scope="module")
