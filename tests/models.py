@@ -108,3 +108,16 @@ def export_wrapped_keras(base: Path) -> Path:
     module.serve = tf.function(lambda x: {"y": model(x)}, input_signature=[tf.TensorSpec([None, 2], tf.float32)])
     tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": module.serve})
     return base
+
+
+def export_busy_doubler(base: Path, iterations: int) -> Path:
+    """x [batch] float -> 2x, after `iterations` steps of busy work per call (not per row): a batchable slow model."""
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def double(x):
+        spin = tf.while_loop(lambda i: i < iterations, lambda i: i + 1, [tf.constant(0, tf.int64)])[0]
+        return {"y": x * 2.0 + tf.cast(spin - iterations, tf.float32)}
+
+    module = tf.Module()
+    module.double = double
+    tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": double})
+    return base

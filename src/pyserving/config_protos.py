@@ -1,8 +1,9 @@
 """Text-format config files, and the TF Serving config messages the `tensorflow-serving-api` wheel lacks.
 
-`MonitoringConfig` (monitoring_config.proto) and `SSLConfig` (ssl_config.proto)
-are declared here field for field, with TF Serving's package, names and numbers,
-so text-format files written for TF Serving parse unchanged.
+`MonitoringConfig` (monitoring_config.proto), `SSLConfig` (ssl_config.proto) and
+`BatchingParameters` (session_bundle_config.proto) are declared here field for
+field, with TF Serving's package, names and numbers, so text-format files
+written for TF Serving parse unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from typing import TypeVar
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory, text_format
+from google.protobuf import wrappers_pb2  # noqa: F401  (registers the wrapper types BatchingParameters uses)
 
 from pyserving.errors import Code, ServingError, invalid_argument
 
@@ -20,13 +22,19 @@ M = TypeVar("M", bound=message.Message)
 _F = descriptor_pb2.FieldDescriptorProto
 
 
-def _file(name: str, messages: dict[str, list[tuple[str, int, int, str]]]) -> descriptor_pb2.FileDescriptorProto:
-    """A proto3 file in package tensorflow.serving; fields are (name, number, type, message type name)."""
-    proto = descriptor_pb2.FileDescriptorProto(name=name, package="tensorflow.serving", syntax="proto3")
+def _file(name: str, messages: dict[str, list[tuple]], dependencies: tuple[str, ...] = ()
+          ) -> descriptor_pb2.FileDescriptorProto:
+    """A proto3 file in package tensorflow.serving.
+
+    Fields are (name, number, type, message type name[, label]); the label defaults to optional.
+    """
+    proto = descriptor_pb2.FileDescriptorProto(name=name, package="tensorflow.serving", syntax="proto3",
+                                               dependency=dependencies)
     for message_name, fields in messages.items():
         message = proto.message_type.add(name=message_name)
-        for field_name, number, kind, type_name in fields:
-            field = message.field.add(name=field_name, number=number, type=kind, label=_F.LABEL_OPTIONAL)
+        for field_name, number, kind, type_name, *label in fields:
+            field = message.field.add(name=field_name, number=number, type=kind,
+                                      label=label[0] if label else _F.LABEL_OPTIONAL)
             if type_name:
                 field.type_name = type_name
     return proto
@@ -51,9 +59,23 @@ _SSL = _messages(_file("tensorflow_serving/config/ssl_config.proto", {
                   ("custom_ca", 3, _F.TYPE_STRING, ""), ("client_verify", 4, _F.TYPE_BOOL, "")],
 }))
 
+_I64, _STR, _BOOL = ".google.protobuf.Int64Value", ".google.protobuf.StringValue", ".google.protobuf.BoolValue"
+_BATCHING = _messages(_file("tensorflow_serving/servables/tensorflow/session_bundle_config.proto", {
+    "BatchingParameters": [
+        ("max_batch_size", 1, _F.TYPE_MESSAGE, _I64), ("batch_timeout_micros", 2, _F.TYPE_MESSAGE, _I64),
+        ("max_enqueued_batches", 3, _F.TYPE_MESSAGE, _I64), ("num_batch_threads", 4, _F.TYPE_MESSAGE, _I64),
+        ("thread_pool_name", 5, _F.TYPE_MESSAGE, _STR),
+        ("allowed_batch_sizes", 6, _F.TYPE_INT64, "", _F.LABEL_REPEATED),
+        ("pad_variable_length_inputs", 7, _F.TYPE_BOOL, ""),
+        ("enable_large_batch_splitting", 8, _F.TYPE_MESSAGE, _BOOL),
+        ("max_execution_batch_size", 9, _F.TYPE_MESSAGE, _I64),
+    ],
+}, dependencies=("google/protobuf/wrappers.proto",)))
+
 MonitoringConfig = _MONITORING["MonitoringConfig"]
 PrometheusConfig = _MONITORING["PrometheusConfig"]
 SSLConfig = _SSL["SSLConfig"]
+BatchingParameters = _BATCHING["BatchingParameters"]
 
 
 def parse_file(path: str, message_class: type[M]) -> M:

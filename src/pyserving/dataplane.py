@@ -16,6 +16,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, input_pb2, regression_pb2
 
 from pyserving import classification, metrics, tensors
+from pyserving.batching import Batcher
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import Lease, ModelManager, VersionStatus
 from pyserving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, PREDICT_METHOD, REGRESS_METHOD, Servable
@@ -40,9 +41,10 @@ class PredictResult:
 
 
 class DataPlane:
-    def __init__(self, manager: ModelManager, method_name_check: bool) -> None:
+    def __init__(self, manager: ModelManager, method_name_check: bool, batcher: Batcher | None = None) -> None:
         self._manager = manager
         self._method_name_check = method_name_check
+        self._batcher = batcher
 
     def lease(self, spec: ModelSpec) -> Lease:
         """The servable `spec` targets, held until the `with` block ends."""
@@ -73,7 +75,7 @@ class DataPlane:
         feeds = _complete_inputs(signature, inputs)
         aliases = _output_aliases(signature, output_filter)
         started = time.perf_counter()
-        arrays = servable.run(signature, feeds, aliases, timeout_ms)
+        arrays = self._run(servable, signature, feeds, aliases, timeout_ms)
         _record_runtime(spec.name, "Predict", started)
         return PredictResult(spec.name, version, key, dict(zip(aliases, arrays)))
 
@@ -105,9 +107,16 @@ class DataPlane:
         examples = classification.serialized_examples(request_input)
         metrics.record_examples(spec.name, len(examples))
         started = time.perf_counter()
-        arrays = servable.run(signature, {classification.INPUTS: examples}, aliases, timeout_ms)
+        arrays = self._run(servable, signature, {classification.INPUTS: examples}, aliases, timeout_ms)
         _record_runtime(spec.name, api, started)
         return version, key, dict(zip(aliases, arrays)), len(examples)
+
+    def _run(self, servable: Servable, signature, inputs: dict[str, np.ndarray], aliases: list[str],
+             timeout_ms: int) -> list[np.ndarray]:
+        """One signature run, through the shared batcher when batching is on."""
+        if self._batcher is not None:
+            return self._batcher.run(servable, signature, inputs, aliases, timeout_ms)
+        return servable.run(signature, inputs, aliases, timeout_ms)
 
     def multi_inference(self, tasks: list[tuple[ModelSpec, str]], request_input: input_pb2.Input,
                         timeout_ms: int = 0, target: tuple[int, Servable] | None = None

@@ -73,10 +73,10 @@ class Options:
         True, "bool", "Strip unneeded MetaGraphDef fields after load",
         pending="not applicable (pyserving keeps only the signatures)")
     # Batching
-    enable_batching: bool = _flag(False, "bool", "Batch concurrent requests", pending="batching (#8)")
-    batching_parameters_file: str = _flag("", "string", "Text-format BatchingParameters", pending="batching (#8)")
+    enable_batching: bool = _flag(False, "bool", "Batch concurrent requests")
+    batching_parameters_file: str = _flag("", "string", "Text-format BatchingParameters")
     enable_per_model_batching_parameters: bool = _flag(
-        False, "bool", "Read batching_params.pbtxt from each version folder", pending="batching (#8)")
+        False, "bool", "Read batching_params.pbtxt from each version folder")
     # Monitoring and profiling
     monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig")
     enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service",

@@ -94,8 +94,24 @@ LOAD_ATTEMPT_COUNT = _Counter(":tensorflow:cc:saved_model:load_attempt_count",
 LOAD_LATENCY = _Counter(":tensorflow:cc:saved_model:load_latency",
                         "Latency in microseconds for SavedModels that were successfully loaded.", ("model_path",))
 
+BATCH_QUEUING_LATENCY = _Histogram(":tensorflow:serving:batching_session:queuing_latency",
+                                   "Distribution of wall time spent (in microseconds) in queues",
+                                   ("thread_pool_name",), _exponential(100, 1.2, 52))
+BATCH_WRAPPED_RUN_COUNT = _Counter(":tensorflow:serving:batching_session:wrapped_run_count",
+                                   "Counts the number of times a batched session run was called", ())
+BATCH_INPUT_SIZE = _Histogram(":tensorflow:serving:batching_session:input_batch_size",
+                              "Tracks the batch size distribution on the inputs by model_name (if available).", (),
+                              _exponential(1, 2, 14))
+BATCH_PROCESSED_SIZE = _Histogram(":tensorflow:serving:batching_session:processed_batch_size",
+                                  "Tracks the batch size distribution on processing by model_name (if available).",
+                                  (), _exponential(1, 2, 14))
+BATCH_PADDING_SIZE = _Histogram(":tensorflow:serving:batching_session:padding_size",
+                                "Tracks the padding size distribution on batches by model_name (if available).",
+                                ("execution_batch_size",), _exponential(1, 2, 14))
+
 _ALL = [REQUEST_COUNT, REQUEST_LATENCY, RUNTIME_LATENCY, REQUEST_EXAMPLE_COUNTS, REQUEST_EXAMPLE_COUNT_TOTAL,
-        MODEL_WARMUP_LATENCY, MODEL_WARMUP_RECORDS_READ, LOAD_ATTEMPT_COUNT, LOAD_LATENCY]
+        MODEL_WARMUP_LATENCY, MODEL_WARMUP_RECORDS_READ, LOAD_ATTEMPT_COUNT, LOAD_LATENCY, BATCH_QUEUING_LATENCY,
+        BATCH_WRAPPED_RUN_COUNT, BATCH_INPUT_SIZE, BATCH_PROCESSED_SIZE, BATCH_PADDING_SIZE]
 
 
 class _Collector:

@@ -82,7 +82,7 @@ async def _serve(options: Options, core: ServerCore, tls: config_protos.SSLConfi
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         *_channel_arguments(options.grpc_channel_arguments),
     ])
-    grpc_api.add_services(grpc_server, core, worker_pool(options.grpc_max_threads, "grpc"),
+    grpc_api.add_services(grpc_server, core, worker_pool(_request_threads(options.grpc_max_threads, options), "grpc"),
                           options.enable_serialization_as_tensor_content)
     health = None
     if options.enable_grpc_healthcheck_service:
@@ -122,6 +122,15 @@ async def _serve(options: Options, core: ServerCore, tls: config_protos.SSLConfi
 # TF Serving marks both services SERVING; "" is the whole server.
 _HEALTH_SERVICES = ("", "ModelService", "PredictionService", "tensorflow.serving.ModelService",
                     "tensorflow.serving.PredictionService")
+
+
+# With batching, a request thread waits for its batch; a batch can only grow as large as the
+# number of requests waiting at once, so the request pools must not cap it.
+_BATCHING_REQUEST_THREADS = 128
+
+
+def _request_threads(configured: int, options: Options) -> int:
+    return max(configured, _BATCHING_REQUEST_THREADS) if options.enable_batching else configured
 
 
 def _channel_arguments(text: str) -> list[tuple[str, int | str]]:
@@ -185,7 +194,8 @@ async def _start_rest(options: Options, core: ServerCore, tls: config_protos.SSL
         return None
     settings = RestSettings(options.rest_api_timeout_in_ms, options.rest_api_enable_cors_support,
                             options.rest_api_max_body_bytes, metrics_path)
-    app = RestApi(core.dataplane, worker_pool(options.rest_api_num_threads, "rest"), settings, core.readiness)
+    app = RestApi(core.dataplane, worker_pool(_request_threads(options.rest_api_num_threads, options), "rest"),
+                  settings, core.readiness)
     protocol = type("ReadDeadlineProtocol", (_ReadDeadlineProtocol,),
                     {"read_timeout_s": max(options.rest_api_read_timeout_seconds, 1)})
     config = uvicorn.Config(app, http=protocol, lifespan="off", access_log=False, log_config=None,

@@ -14,7 +14,8 @@ import os
 import threading
 import time
 
-from pyserving import metrics, model_config, warmup
+from pyserving import config_protos, metrics, model_config, warmup
+from pyserving.batching import Batcher, BatchingOptions
 from pyserving.dataplane import DataPlane
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
@@ -34,6 +35,21 @@ def initial_configs(options: Options) -> list[ModelConfig]:
     return model_config.single_model(options.model_name, options.model_base_path)
 
 
+PER_MODEL_BATCHING_FILE = "batching_params.pbtxt"
+
+
+def _batcher(options: Options) -> Batcher | None:
+    """The shared batcher for `--enable_batching`, from `--batching_parameters_file` or TF Serving's defaults."""
+    if not options.enable_batching:
+        return None
+    if options.batching_parameters_file:
+        proto = config_protos.parse_file(options.batching_parameters_file, config_protos.BatchingParameters)
+    else:
+        proto = config_protos.BatchingParameters()
+        proto.thread_pool_name.value = "model_server_batch_threads"
+    return Batcher(BatchingOptions.from_proto(proto, os.cpu_count() or 1))
+
+
 class ServerCore:
     def __init__(self, options: Options) -> None:
         self._options = options
@@ -43,7 +59,8 @@ class ServerCore:
         self.manager = ModelManager(
             self._load, RetryPolicy(options.max_num_load_retries, max(options.load_retry_interval_micros, 0) / 1e6),
             load_threads=4 * (os.cpu_count() or 1), unload_threads=options.num_unload_threads)
-        self.dataplane = DataPlane(self.manager, options.enable_signature_method_name_check)
+        self.batcher = _batcher(options)
+        self.dataplane = DataPlane(self.manager, options.enable_signature_method_name_check, self.batcher)
         self._source = FileSystemSource(self.manager, options.file_system_poll_wait_seconds)
         self._configs: list[ModelConfig] = []
         self.draining = False  # set on SIGTERM: not ready any more
@@ -60,12 +77,17 @@ class ServerCore:
             raise
         metrics.LOAD_ATTEMPT_COUNT.inc(path, "success")
         metrics.LOAD_LATENCY.inc(path, amount=(time.monotonic() - started) * 1e6)
-        if self._options.enable_model_warmup:
-            try:
+        try:
+            per_model = os.path.join(path, PER_MODEL_BATCHING_FILE)
+            if self.batcher is not None and self._options.enable_per_model_batching_parameters \
+                    and os.path.exists(per_model):
+                proto = config_protos.parse_file(per_model, config_protos.BatchingParameters)
+                self.batcher.set_options(servable, BatchingOptions.from_proto(proto, os.cpu_count() or 1))
+            if self._options.enable_model_warmup:
                 warmup.replay(path, servable, self.dataplane, self._options.num_request_iterations_for_warmup)
-            except BaseException:
-                servable.close()
-                raise
+        except BaseException:
+            servable.close()
+            raise
         return servable
 
     def start(self, configs: list[ModelConfig]) -> None:
@@ -131,7 +153,9 @@ class ServerCore:
                 log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", exc)
 
     def stop(self) -> None:
-        """Stop polling and unload every version."""
+        """Stop polling and batching, unload every version."""
         self._stop.set()
         self._source.stop()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.manager.unload_all()
