@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import re
 import shutil
@@ -146,15 +147,20 @@ def wrk(url: str, body: bytes, connections: int, seconds: float, work: Path) -> 
                       f'local f = io.open("{work / "body.json"}", "rb")\nwrk.body = f:read("*all")\nf:close()\n')
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50": _ms(re.search(r"50%\s+(\S+)", out).group(1)), "p99": _ms(re.search(r"99%\s+(\S+)", out).group(1)),
-            "errors": int(errors.group(1)) if errors else 0}
+    # Failed requests: non-2xx answers plus socket errors (connect, read, write, timeout).
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)$", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)$", out, re.M)
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": _ms(p50.group(1)) if p50 else math.nan,
+            "p99": _ms(p99.group(1)) if p99 else math.nan, "errors": errors}
 
 
 def h2load(port: int, body: bytes, connections: int, seconds: float, work: Path) -> dict:
     (work / "grpc.bin").write_bytes(body)
     log = work / "h2load.log"
+    log.unlink(missing_ok=True)  # h2load appends to an existing log file
     out = subprocess.run(["h2load", "-t1", f"-c{connections}", "-m1", f"-D{seconds:g}", "-d", str(work / "grpc.bin"),
                           "-H", "content-type: application/grpc", "-H", "te: trailers", f"--log-file={log}",
                           f"http://127.0.0.1:{port}/tensorflow.serving.PredictionService/Predict"],
