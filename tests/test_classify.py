@@ -13,6 +13,7 @@ from tensorflow_serving.apis import (
 
 from conftest import HALF_PLUS_TWO, TESTDATA, post
 from models import COLORS, color_image, export_color_classifier
+from test_lifecycle import write_config
 
 TF2 = TESTDATA / "saved_model_half_plus_two_tf2_cpu"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
@@ -23,10 +24,9 @@ REGRESS_METHOD = "tensorflow/serving/regress"
 def server(start_server, tmp_path_factory):
     """half_plus_two (TF1), its TF2 export and a Keras image classifier, in one config."""
     colors = export_color_classifier(tmp_path_factory.mktemp("colors") / "colors")
-    config = tmp_path_factory.mktemp("config") / "models.config"
-    config.write_text("model_config_list {\n" + "".join(
-        f'  config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }}\n'
-        for name, path in (("half_plus_two", HALF_PLUS_TWO), ("tf2", TF2), ("colors", colors))) + "}\n")
+    config = write_config(tmp_path_factory.mktemp("config") / "models.config",
+                          {"name": "half_plus_two", "path": HALF_PLUS_TWO}, {"name": "tf2", "path": TF2},
+                          {"name": "colors", "path": colors})
     return start_server(f"--model_config_file={config}")
 
 

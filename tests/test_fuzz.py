@@ -20,6 +20,7 @@ from schemathesis.checks import not_a_server_error
 
 from conftest import HALF_PLUS_TWO
 from models import export_kitchen
+from test_lifecycle import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_PER_OPERATION = int(os.environ.get("PYSERVING_FUZZ_EXAMPLES", "40"))
@@ -29,10 +30,8 @@ EXAMPLES_PER_OPERATION = int(os.environ.get("PYSERVING_FUZZ_EXAMPLES", "40"))
 def fuzzed_server(start_server, tmp_path_factory):
     """half_plus_two and the kitchen model (several inputs, strings, ints, bools) in one server."""
     kitchen = export_kitchen(tmp_path_factory.mktemp("kitchen") / "kitchen")
-    config = tmp_path_factory.mktemp("config") / "models.config"
-    config.write_text("model_config_list {" + "".join(
-        f' config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }}'
-        for name, path in (("half_plus_two", HALF_PLUS_TWO), ("kitchen", kitchen))) + " }")
+    config = write_config(tmp_path_factory.mktemp("config") / "models.config",
+                          {"name": "half_plus_two", "path": HALF_PLUS_TWO}, {"name": "kitchen", "path": kitchen})
     return start_server(f"--model_config_file={config}", "--rest_api_timeout_in_ms=5000")
 
 

@@ -18,7 +18,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from conftest import HALF_PLUS_TWO, TESTDATA, post
 from models import COLORS, color_image
 from pyserving.keras_export import export_classifier
-from test_lifecycle import get_counter
+from test_lifecycle import get_counter, write_config
 
 
 def tool(*args: str) -> subprocess.CompletedProcess:
@@ -193,10 +193,8 @@ def test_keras_helper_exports_classifiers_that_classify(start_server, tmp_path):
     images.fit(pixels, colors, epochs=40, verbose=0)
     export_classifier(images, list(COLORS), str(tmp_path / "images"), image_feature="image")
 
-    config = tmp_path / "models.config"
-    config.write_text("model_config_list {" + "".join(
-        f' config {{ name: "{name}" base_path: "{tmp_path / name}" model_platform: "tensorflow" }}'
-        for name in ("vectors", "images")) + " }")
+    config = write_config(tmp_path / "models.config",
+                          *({"name": name, "path": tmp_path / name} for name in ("vectors", "images")))
     server = start_server(f"--model_config_file={config}", "--enable_signature_method_name_check=true")
     r = post(server.rest + "/v1/models/vectors:classify", {"examples": [{"x": [3.0, -3.0]}, {"x": [-3.0, 3.0]}]})
     assert r.status_code == 200, r.text
