@@ -164,11 +164,7 @@ def test_sigterm_drains_rest_and_grpc_requests_in_flight(start_server, kitchen):
 
 def test_second_signal_exits_at_once(start_server, kitchen):
     server = start_server("--model_name=kitchen", f"--model_base_path={kitchen}")
-    n = slow_n(server) * 3
-    slow = threading.Thread(target=lambda: _ignore_errors(
-        lambda: post(server.rest + "/v1/models/kitchen:predict", {"signature_name": "slow", "inputs": {"n": n}})))
-    slow.start()
-    time.sleep(0.7)
+    slow = slow_request_in_flight(server, slow_n(server) * 3)
     started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -180,11 +176,7 @@ def test_second_signal_exits_at_once(start_server, kitchen):
 
 def test_grace_period_bounds_the_drain(start_server, kitchen):
     server = start_server("--model_name=kitchen", f"--model_base_path={kitchen}", "--shutdown_grace_period_seconds=1")
-    n = slow_n(server) * 4  # about twelve seconds
-    slow = threading.Thread(target=lambda: _ignore_errors(
-        lambda: post(server.rest + "/v1/models/kitchen:predict", {"signature_name": "slow", "inputs": {"n": n}})))
-    slow.start()
-    time.sleep(0.7)
+    slow = slow_request_in_flight(server, slow_n(server) * 4)  # about twelve seconds
     started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
@@ -192,11 +184,18 @@ def test_grace_period_bounds_the_drain(start_server, kitchen):
     slow.join(60)
 
 
-def _ignore_errors(call) -> None:
-    try:
-        call()
-    except requests.RequestException:
-        pass
+def slow_request_in_flight(server, n: int) -> threading.Thread:
+    """A REST call of the `slow` signature, running on a thread; its outcome does not matter."""
+    def call():
+        try:
+            post(server.rest + "/v1/models/kitchen:predict", {"signature_name": "slow", "inputs": {"n": n}})
+        except requests.RequestException:
+            pass
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.7)
+    return thread
 
 
 # -- TLS ----------------------------------------------------------------------------------------------
