@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, input_pb2, regression_pb2
+from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, input_pb2, model_pb2, regression_pb2
 
 from pyserving import classification, metrics, tensors
 from pyserving.batching import Batcher
@@ -30,6 +30,15 @@ class ModelSpec:
     version: int | None = None
     label: str | None = None
     signature_name: str = ""
+
+    @classmethod
+    def from_proto(cls, proto: model_pb2.ModelSpec) -> ModelSpec:
+        """From the serving API's ModelSpec (its `version_choice` oneof)."""
+        choice = proto.WhichOneof("version_choice")
+        return cls(name=proto.name,
+                   version=proto.version.value if choice == "version" else None,
+                   label=proto.version_label if choice == "version_label" else None,
+                   signature_name=proto.signature_name)
 
 
 @dataclass

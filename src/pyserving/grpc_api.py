@@ -31,16 +31,6 @@ from pyserving.server_core import ServerCore
 log = logging.getLogger("pyserving")
 
 
-def _spec(proto: model_pb2.ModelSpec) -> ModelSpec:
-    choice = proto.WhichOneof("version_choice")
-    return ModelSpec(
-        name=proto.name,
-        version=proto.version.value if choice == "version" else None,
-        label=proto.version_label if choice == "version_label" else None,
-        signature_name=proto.signature_name,
-    )
-
-
 def _session_timeout_ms(remaining_s: float | None) -> int:
     """The RPC deadline as a TF session timeout, like TF Serving (0 = none).
 
@@ -88,8 +78,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
-        spec = _spec(request.model_spec)
-        inputs = {alias: tensors.to_ndarray(proto, alias) for alias, proto in request.inputs.items()}
+        spec = ModelSpec.from_proto(request.model_spec)
+        inputs = tensors.to_ndarrays(request.inputs)
         result = self._dataplane.predict(spec, inputs, list(request.output_filter), timeout_ms)
         response = predict_pb2.PredictResponse(
             model_spec=_effective_spec(result.name, result.version, result.signature_name))
@@ -103,7 +93,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest):
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
-        spec = _spec(request.model_spec)
+        spec = ModelSpec.from_proto(request.model_spec)
         version, signature_map = self._dataplane.signature_def_map(spec, list(request.metadata_field))
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = spec.name
@@ -119,7 +109,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _classify(self, request: classification_pb2.ClassificationRequest, timeout_ms: int):
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
-        spec = _spec(request.model_spec)
+        spec = ModelSpec.from_proto(request.model_spec)
         version, key, result = self._dataplane.classify(spec, request.input, timeout_ms)
         return classification_pb2.ClassificationResponse(model_spec=_effective_spec(spec.name, version, key),
                                                          result=result)
@@ -132,7 +122,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _regress(self, request: regression_pb2.RegressionRequest, timeout_ms: int):
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
-        spec = _spec(request.model_spec)
+        spec = ModelSpec.from_proto(request.model_spec)
         version, key, result = self._dataplane.regress(spec, request.input, timeout_ms)
         return regression_pb2.RegressionResponse(model_spec=_effective_spec(spec.name, version, key), result=result)
 
@@ -142,7 +132,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                             request, context)
 
     def _multi_inference(self, request: inference_pb2.MultiInferenceRequest, timeout_ms: int):
-        tasks = [(_spec(task.model_spec), task.method_name) for task in request.tasks]
+        tasks = [(ModelSpec.from_proto(task.model_spec), task.method_name) for task in request.tasks]
         version, results = self._dataplane.multi_inference(tasks, request.input, timeout_ms)
         response = inference_pb2.MultiInferenceResponse()
         for (spec, _), (key, method, result) in zip(tasks, results):
@@ -185,7 +175,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def _status(self, request: get_model_status_pb2.GetModelStatusRequest):
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
-        spec = _spec(request.model_spec)
+        spec = ModelSpec.from_proto(request.model_spec)
         statuses = self._dataplane.status(spec.name, spec.version)
         return get_model_status_pb2.GetModelStatusResponse(
             model_version_status=[_version_status(s) for s in statuses])

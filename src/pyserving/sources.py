@@ -31,10 +31,16 @@ def parse_version(name: str) -> int | None:
     return version if version <= _MAX_VERSION else None
 
 
+def version_entries(base_path: str) -> list[tuple[int, str]]:
+    """(version, path) of every child whose name is a version number, in name order; OSError if unreadable."""
+    return [(version, os.path.join(base_path, entry)) for entry in sorted(os.listdir(base_path))
+            if (version := parse_version(entry)) is not None]
+
+
 def list_versions(model_name: str, base_path: str) -> dict[int, str] | None:
     """Numeric children of `base_path` as {version: path}; None (logged) if the base path is missing."""
     try:
-        entries = os.listdir(base_path)
+        entries = version_entries(base_path)
     except OSError as exc:
         log.error(
             "FileSystemStoragePathSource encountered a filesystem access error: Could not find base path %s "
@@ -42,15 +48,12 @@ def list_versions(model_name: str, base_path: str) -> dict[int, str] | None:
         )
         return None
     found: dict[int, str] = {}
-    for entry in sorted(entries):
-        version = parse_version(entry)
-        if version is None:
-            continue
+    for version, path in entries:
         if version in found:
             log.warning("Duplicate version directories detected. Version %d will be loaded from %s, %s will be "
-                        "ignored.", version, found[version], os.path.join(base_path, entry))
+                        "ignored.", version, found[version], path)
             continue
-        found[version] = os.path.join(base_path, entry)
+        found[version] = path
     if not found:
         log.warning(
             "No versions of servable %s found under base path %s. Did you forget to name your "

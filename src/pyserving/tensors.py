@@ -101,6 +101,11 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
     return filled.reshape(shape)
 
 
+def to_ndarrays(protos) -> dict[str, np.ndarray]:
+    """A request's `inputs` map of TensorProtos, decoded."""
+    return {alias: to_ndarray(proto, alias) for alias, proto in protos.items()}
+
+
 def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.TensorProto:
     """Encode a numpy array; `*_val` fields unless `tensor_content` (never for strings)."""
     dtype = dtype_of(array)

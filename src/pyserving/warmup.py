@@ -74,24 +74,20 @@ def _run(record: prediction_log_pb2.PredictionLog, servable: Servable, dataplane
     target = (0, servable)
     if kind == "predict_log":
         request = record.predict_log.request
-        inputs = {alias: tensors.to_ndarray(proto, alias) for alias, proto in request.inputs.items()}
-        dataplane.predict(_spec(request.model_spec), inputs, list(request.output_filter), target=target)
+        dataplane.predict(ModelSpec.from_proto(request.model_spec), tensors.to_ndarrays(request.inputs),
+                          list(request.output_filter), target=target)
     elif kind == "classify_log":
         request = record.classify_log.request
-        dataplane.classify(_spec(request.model_spec), request.input, target=target)
+        dataplane.classify(ModelSpec.from_proto(request.model_spec), request.input, target=target)
     elif kind == "regress_log":
         request = record.regress_log.request
-        dataplane.regress(_spec(request.model_spec), request.input, target=target)
+        dataplane.regress(ModelSpec.from_proto(request.model_spec), request.input, target=target)
     elif kind == "multi_inference_log":
         request = record.multi_inference_log.request
-        tasks = [(_spec(task.model_spec), task.method_name) for task in request.tasks]
+        tasks = [(ModelSpec.from_proto(task.model_spec), task.method_name) for task in request.tasks]
         dataplane.multi_inference(tasks, request.input, target=target)
     elif kind == "session_run_log":
         # TF Serving prints the oneof field number.
         number = record.DESCRIPTOR.fields_by_name[kind].number
         raise ServingError(Code.UNIMPLEMENTED, f"Unsupported log_type for warmup: {number}")
     # An empty record or a predict_streamed_log is skipped, as TF Serving does.
-
-
-def _spec(proto) -> ModelSpec:
-    return ModelSpec(proto.name or "warmup", signature_name=proto.signature_name)

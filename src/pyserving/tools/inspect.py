@@ -9,7 +9,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from pyserving.runtimes.tf_saved_model import SAVED_MODEL_FILES, read_signature_defs
-from pyserving.sources import parse_version
+from pyserving.sources import parse_version, version_entries
 from pyserving.tools import ToolError
 
 
@@ -17,11 +17,10 @@ def version_folders(base: str) -> dict[int, str]:
     """Numeric children of a base path, {version: folder}."""
     if not os.path.isdir(base):
         raise ToolError(f"{base} is not a folder")
-    found = {}
-    for entry in sorted(os.listdir(base)):
-        version = parse_version(entry)
-        if version is not None and os.path.isdir(os.path.join(base, entry)):
-            found.setdefault(version, os.path.join(base, entry))
+    found: dict[int, str] = {}
+    for version, path in version_entries(base):
+        if os.path.isdir(path):
+            found.setdefault(version, path)
     return found
 
 
