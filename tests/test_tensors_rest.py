@@ -1,8 +1,12 @@
 """REST tensor encoding on a model the test exports: several inputs/outputs, strings, b64, ints, bools."""
 
 import base64
+import math
+import re
 
+import numpy as np
 import pytest
+import requests
 
 from conftest import post
 from models import export_kitchen
@@ -80,6 +84,35 @@ def test_float_formatting_matches_tf_serving(kitchen):
     assert "0.33333333333333331" in doubles.text
 
 
+def _tf_float(value: float) -> str:
+    """TF Serving's text for a float32 value: %.6g if it reads back exactly, else %.9g; `.0` for integers."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    text = "%.6g" % value
+    if np.float32(float(text)) != np.float32(value):
+        text = "%.9g" % value
+    return text if "." in text or "e" in text else text + ".0"
+
+
+def test_large_float_outputs_format_like_tf_serving(kitchen):
+    """Thousands of values take the vectorised formatter: every one must read as TF Serving writes it."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.standard_normal(1500), rng.uniform(-1e4, 1e4, 1500).round(2),
+                        [0.0, -0.0, 1.0, 0.1, 1e-4, 123456.0, 3.5e5, 111.111, 1e9 / 9e6]]).astype(np.float32)
+    body = '{"signature_name": "floats", "inputs": [' + ",".join("%.9g" % v for v in x.tolist()) + "]}"
+    r = requests.post(kitchen, data=body, timeout=60)
+    assert r.status_code == 200, r.text
+    expected = {"third": x / np.float32(3), "scaled": x * np.float32(9e6), "tiny": x * np.float32(1e-5)}
+    for name, values in expected.items():
+        run = re.search(rf'"{name}": \[\n(.*?)\n\s*\]', r.text, re.S).group(1)
+        texts = [t.strip() for t in run.split(",")]
+        got = np.array([float(t) for t in texts], np.float32)
+        np.testing.assert_allclose(got, values, rtol=1e-6, atol=1e-30)  # TF's own float32 arithmetic
+        assert texts == [_tf_float(v) for v in got.tolist()], name
+
+
 def test_scalar_columnar_and_rank0_row_error(kitchen):
     assert post(kitchen, {"signature_name": "floats", "inputs": 3.0}).content == (
         b'{\n    "outputs": {\n        "scaled": 2.7e+07,\n        "third": 1.0,\n        "tiny": 3e-05\n    }\n}')
@@ -91,9 +124,12 @@ def test_unsupported_output_dtype_is_400(kitchen):
     assert r.json() == {"error": "Failed to write JSON value for tensor type: half"}
 
 
-def test_rest_timeout_answers_504(start_server, tmp_path):
+@pytest.mark.parametrize("pool", ["auto", "explicit"])
+def test_rest_timeout_answers_504(start_server, tmp_path, pool):
+    """A graph with a loop keeps cancellable session calls, whether inter-op threads are auto or set."""
     base = export_kitchen(tmp_path / "kitchen")
-    server = start_server("--model_name=kitchen", f"--model_base_path={base}", "--rest_api_timeout_in_ms=300")
+    flags = ["--tensorflow_inter_op_parallelism=2"] if pool == "explicit" else []
+    server = start_server("--model_name=kitchen", f"--model_base_path={base}", "--rest_api_timeout_in_ms=300", *flags)
     url = server.rest + "/v1/models/kitchen:predict"
     assert post(url, {"signature_name": "slow", "inputs": {"n": 10}}).json() == {"outputs": 10}
     r = post(url, {"signature_name": "slow", "inputs": {"n": 10**10}})

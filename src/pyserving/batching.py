@@ -25,6 +25,7 @@ import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from pyserving import metrics
+from pyserving.concurrency import wait_all
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.servable import Servable
 
@@ -158,6 +159,16 @@ class Batcher:
     def run(self, servable: Servable, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray],
             aliases: list[str], timeout_ms: int) -> list[np.ndarray]:
         """Like `servable.run`, but batched with concurrent calls; blocks until this call's rows are back."""
+        return _joined([future.result() for future in self.submit(servable, signature, inputs, aliases, timeout_ms)])
+
+    async def run_async(self, servable: Servable, signature: meta_graph_pb2.SignatureDef,
+                        inputs: dict[str, np.ndarray], aliases: list[str], timeout_ms: int) -> list[np.ndarray]:
+        """`run` for the event loop: awaits the batch instead of holding a thread."""
+        return _joined(await wait_all(self.submit(servable, signature, inputs, aliases, timeout_ms)))
+
+    def submit(self, servable: Servable, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray],
+               aliases: list[str], timeout_ms: int) -> list[Future]:
+        """Queue a call, split into parts if it is larger than a batch; each part's future gets its outputs."""
         rows = _batch_rows(inputs)
         key = (id(servable), id(signature), tuple(sorted(inputs)), tuple(aliases), timeout_ms)
         with self._changed:
@@ -178,10 +189,7 @@ class Batcher:
             queue.rows += rows
             self._changed.notify_all()
         metrics.BATCH_INPUT_SIZE.observe(value=rows)
-        results = [task.future.result() for task in tasks]
-        if len(results) == 1:
-            return results[0]
-        return [np.concatenate(parts, axis=0) for parts in zip(*results)]
+        return [task.future for task in tasks]
 
     def _work(self) -> None:
         while True:
@@ -261,6 +269,13 @@ def _batch_rows(inputs: dict[str, np.ndarray]) -> int:
     if len(sizes) != 1:
         raise invalid_argument("Batching session Run() input tensors must have equal 0th-dimension size")
     return sizes.pop()
+
+
+def _joined(results: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """The outputs of a call from those of its parts."""
+    if len(results) == 1:
+        return results[0]
+    return [np.concatenate(parts, axis=0) for parts in zip(*results)]
 
 
 def _split(inputs: dict[str, np.ndarray], rows: int, limit: int):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# Decoding or encoding a request or response up to about this many bytes runs on the event
+# loop (tens of microseconds); a hand-off to a worker thread and back costs more than that.
+# Larger ones go to the pool so a big tensor never stalls the other connections.
+INLINE_BYTES = 16 * 1024
 
 
 def worker_pool(threads: int, name: str) -> ThreadPoolExecutor:
@@ -18,3 +23,18 @@ async def run_sync(pool: ThreadPoolExecutor, fn: Callable[..., T], *args) -> T:
     """Run `fn(*args)` on `pool` and await its result without blocking the loop."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(pool, fn, *args)
+
+
+async def run_sized(pool: ThreadPoolExecutor, size: int, fn: Callable[..., T], *args) -> T:
+    """`fn(*args)` inline when its input is at most `INLINE_BYTES` (`size`), else on `pool`.
+
+    Only for CPU work that grows with `size` (codecs); TensorFlow calls always use `run_sync`.
+    """
+    if size <= INLINE_BYTES:
+        return fn(*args)
+    return await run_sync(pool, fn, *args)
+
+
+async def wait_all(futures: list[Future]) -> list:
+    """Await futures completed by another thread (the batcher's) without blocking the loop."""
+    return [await asyncio.wrap_future(future) for future in futures]

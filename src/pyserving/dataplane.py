@@ -3,12 +3,14 @@
 Front-ends translate their wire format into these calls and back; everything
 TF Serving decides independently of the protocol (servable lookup, signature
 checks, input and output_filter validation) lives here. Calls are synchronous
-and run on worker threads (see `pyserving.concurrency`).
+and run on worker threads (see `pyserving.concurrency`), except `predict_async`,
+which the front-ends call on the event loop for the hot path.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,7 @@ from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, 
 
 from pyserving import classification, metrics, tensors
 from pyserving.batching import Batcher
+from pyserving.concurrency import run_sync
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import Lease, ModelManager, VersionStatus
 from pyserving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, PREDICT_METHOD, REGRESS_METHOD, Servable
@@ -49,6 +52,23 @@ class PredictResult:
     outputs: dict[str, np.ndarray]
 
 
+@dataclass
+class _PredictCall:
+    """A checked predict request, ready to run."""
+
+    model: str
+    version: int
+    signature_name: str
+    servable: Servable
+    signature: meta_graph_pb2.SignatureDef
+    feeds: dict[str, np.ndarray]
+    aliases: list[str]
+
+    def result(self, arrays: list[np.ndarray], started: float) -> PredictResult:
+        _record_runtime(self.model, "Predict", started)
+        return PredictResult(self.model, self.version, self.signature_name, dict(zip(self.aliases, arrays)))
+
+
 class DataPlane:
     def __init__(self, manager: ModelManager, method_name_check: bool, batcher: Batcher | None = None) -> None:
         self._manager = manager
@@ -71,6 +91,36 @@ class DataPlane:
         if target is None:
             with self.lease(spec) as leased:
                 return self.predict(spec, inputs, output_filter, timeout_ms, leased)
+        call = self._predict_call(spec, inputs, output_filter, target)
+        started = time.perf_counter()
+        arrays = self._run(call.servable, call.signature, call.feeds, call.aliases, timeout_ms)
+        return call.result(arrays, started)
+
+    async def predict_async(
+        self,
+        pool: ThreadPoolExecutor,
+        spec: ModelSpec,
+        inputs: dict[str, np.ndarray],
+        output_filter: list[str] = (),
+        timeout_ms: int = 0,
+        target: tuple[int, Servable] | None = None,
+    ) -> PredictResult:
+        """`predict` for the event loop: the session call runs on `pool`, or waits for its batch."""
+        if target is None:
+            with self.lease(spec) as leased:
+                return await self.predict_async(pool, spec, inputs, output_filter, timeout_ms, leased)
+        call = self._predict_call(spec, inputs, output_filter, target)
+        started = time.perf_counter()
+        if self._batcher is not None:
+            arrays = await self._batcher.run_async(call.servable, call.signature, call.feeds, call.aliases,
+                                                   timeout_ms)
+        else:
+            arrays = await run_sync(pool, call.servable.run, call.signature, call.feeds, call.aliases, timeout_ms)
+        return call.result(arrays, started)
+
+    def _predict_call(self, spec: ModelSpec, inputs: dict[str, np.ndarray], output_filter,
+                      target: tuple[int, Servable]) -> _PredictCall:
+        """TF Serving's checks of a predict request against the signature, before anything runs."""
         version, servable = target
         key = spec.signature_name or DEFAULT_SIGNATURE
         signature = servable.signature_defs.get(key)
@@ -81,12 +131,8 @@ class DataPlane:
                 Code.INTERNAL,
                 f"Expected prediction signature method_name to be one of {{{PREDICT_METHOD}, "
                 f"{CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: {signature.method_name}")
-        feeds = _complete_inputs(signature, inputs)
-        aliases = _output_aliases(signature, output_filter)
-        started = time.perf_counter()
-        arrays = self._run(servable, signature, feeds, aliases, timeout_ms)
-        _record_runtime(spec.name, "Predict", started)
-        return PredictResult(spec.name, version, key, dict(zip(aliases, arrays)))
+        return _PredictCall(spec.name, version, key, servable, signature, _complete_inputs(signature, inputs),
+                            _output_aliases(signature, output_filter))
 
     def classify(self, spec: ModelSpec, request_input: input_pb2.Input, timeout_ms: int = 0,
                  target: tuple[int, Servable] | None = None

@@ -88,7 +88,7 @@ class Options:
     tensorflow_session_parallelism: int = _flag(0, INT64, "Threads for TF sessions (0 = auto); sets intra and inter")
     tensorflow_intra_op_parallelism: int = _flag(0, INT64, "TF intra-op threads (0 = auto)")
     tensorflow_inter_op_parallelism: int = _flag(
-        0, INT64, "TF inter-op threads (0 = auto: pyserving runs calls without a timeout on the calling thread)")
+        0, INT64, "TF inter-op threads (0 = auto: pyserving runs graphs without loops on the calling thread)")
     per_process_gpu_memory_fraction: float = _flag(0.0, "float", "GPU memory fraction",
                                                    pending="not planned (CPU build)")
     xla_cpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:CPU JIT", pending="not planned")

@@ -1,7 +1,8 @@
 """The gRPC front-end: tensorflow.serving.PredictionService and ModelService on grpc.aio.
 
-A thin adapter over `DataPlane`: protos in, numpy through the data plane on a
-worker thread, protos out; `ServingError` becomes the RPC status.
+A thin adapter over `DataPlane`: protos in, numpy through the data plane (Predict
+on the event loop with the session call off it, the other methods on a worker
+thread), protos out; `ServingError` becomes the RPC status.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,8 +23,8 @@ from tensorflow_serving.apis import (
 )
 
 from pyserving import metrics, model_config, tensors
-from pyserving.concurrency import run_sync
-from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
+from pyserving.concurrency import run_sized, run_sync
+from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec, PredictResult
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import VersionStatus
 from pyserving.servable import CLASSIFY_METHOD
@@ -43,8 +45,8 @@ def _session_timeout_ms(remaining_s: float | None) -> int:
     return 1 << (millis - 1).bit_length()
 
 
-async def _unary(pool: ThreadPoolExecutor, fn, request, context: grpc.aio.ServicerContext, api: str = ""):
-    """Run a handler on a worker thread; a ServingError becomes the RPC status.
+async def _unary(work: Awaitable, request, context: grpc.aio.ServicerContext, api: str = ""):
+    """Await a handler's `work` on `request`; a ServingError becomes the RPC status.
 
     With `api` (Predict, Classify, Regress) the call counts in request_count and,
     when it succeeds, request_latency, as in TF Serving.
@@ -52,7 +54,7 @@ async def _unary(pool: ThreadPoolExecutor, fn, request, context: grpc.aio.Servic
     started = time.perf_counter()
     code = Code.OK
     try:
-        return await run_sync(pool, fn, request)
+        return await work
     except ServingError as exc:
         code = exc.code
         await context.abort(exc.grpc_code, exc.grpc_message)
@@ -72,15 +74,20 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(self._pool, functools.partial(self._predict, timeout_ms=timeout_ms), request, context,
-                            "Predict")
+        return await _unary(self._predict(request, timeout_ms), request, context, "Predict")
 
-    def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
+    async def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
+        """The hot path: tensors converted inline when small, the session call off the loop."""
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
         spec = ModelSpec.from_proto(request.model_spec)
-        inputs = tensors.to_ndarrays(request.inputs)
-        result = self._dataplane.predict(spec, inputs, list(request.output_filter), timeout_ms)
+        inputs = await run_sized(self._pool, request.ByteSize(), tensors.to_ndarrays, request.inputs)
+        result = await self._dataplane.predict_async(self._pool, spec, inputs, list(request.output_filter),
+                                                     timeout_ms)
+        size = sum(array.nbytes for array in result.outputs.values())
+        return await run_sized(self._pool, size, self._predict_response, result)
+
+    def _predict_response(self, result: PredictResult) -> predict_pb2.PredictResponse:
         response = predict_pb2.PredictResponse(
             model_spec=_effective_spec(result.name, result.version, result.signature_name))
         for alias, array in result.outputs.items():
@@ -88,7 +95,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):
-        return await _unary(self._pool, self._metadata, request, context)
+        return await _unary(run_sync(self._pool, self._metadata, request), request, context)
 
     def _metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest):
         if not request.HasField("model_spec"):
@@ -103,8 +110,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def Classify(self, request: classification_pb2.ClassificationRequest, context):
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(self._pool, functools.partial(self._classify, timeout_ms=timeout_ms), request, context,
-                            "Classify")
+        return await _unary(run_sync(self._pool, self._classify, request, timeout_ms), request, context, "Classify")
 
     def _classify(self, request: classification_pb2.ClassificationRequest, timeout_ms: int):
         if not request.HasField("model_spec"):
@@ -116,8 +122,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def Regress(self, request: regression_pb2.RegressionRequest, context):
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(self._pool, functools.partial(self._regress, timeout_ms=timeout_ms), request, context,
-                            "Regress")
+        return await _unary(run_sync(self._pool, self._regress, request, timeout_ms), request, context, "Regress")
 
     def _regress(self, request: regression_pb2.RegressionRequest, timeout_ms: int):
         if not request.HasField("model_spec"):
@@ -128,8 +133,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context):
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(self._pool, functools.partial(self._multi_inference, timeout_ms=timeout_ms),
-                            request, context)
+        return await _unary(run_sync(self._pool, self._multi_inference, request, timeout_ms), request, context)
 
     def _multi_inference(self, request: inference_pb2.MultiInferenceRequest, timeout_ms: int):
         tasks = [(ModelSpec.from_proto(task.model_spec), task.method_name) for task in request.tasks]
@@ -170,7 +174,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self._pool = pool
 
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
-        return await _unary(self._pool, self._status, request, context)
+        return await _unary(run_sync(self._pool, self._status, request), request, context)
 
     def _status(self, request: get_model_status_pb2.GetModelStatusRequest):
         if not request.HasField("model_spec"):
@@ -181,7 +185,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             model_version_status=[_version_status(s) for s in statuses])
 
     async def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):
-        return await _unary(self._pool, self._reload, request, context)
+        return await _unary(run_sync(self._pool, self._reload, request), request, context)
 
     def _reload(self, request: model_management_pb2.ReloadConfigRequest) -> model_management_pb2.ReloadConfigResponse:
         if request.config.WhichOneof("config") != "model_config_list":

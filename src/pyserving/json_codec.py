@@ -500,6 +500,15 @@ def _write_nested(writer: PrettyWriter, items: list, shape: tuple[int, ...], wri
     writer.end_array()
 
 
+# Roughly the JSON text of one tensor element (a float is about 10 characters and a separator).
+_ENCODED_BYTES_PER_ELEMENT = 16
+
+
+def encoded_size(outputs: dict[str, np.ndarray]) -> int:
+    """An estimate of `encode_predict`'s output size, to decide where to run it."""
+    return sum(array.size for array in outputs.values()) * _ENCODED_BYTES_PER_ELEMENT
+
+
 def encode_predict(outputs: dict[str, np.ndarray], fmt: str) -> bytes:
     """The predict response body in TF Serving's layout (`predictions` or `outputs`)."""
     if not outputs:
@@ -523,18 +532,24 @@ def encode_predict(outputs: dict[str, np.ndarray], fmt: str) -> bytes:
         rows = []  # per output: (name, leaf items, run writer, row shape, leaves per row)
         for name in names:
             inner = outputs[name].shape[1:]
-            rows.append((name, *_leaves(outputs[name], name), inner, int(np.prod(inner, dtype=np.int64))))
-        for item in range(batch):
-            if as_objects:
-                writer.start_object()
+            rows.append((name, *_leaves(outputs[name], name), inner, math.prod(inner)))
+        if not as_objects and not rows[0][3] and rows[0][2] is PrettyWriter.raw_run:
+            # One scalar per row: all the rows are one run.
             writer.single_line = True
-            for name, items, write_run, inner, per_row in rows:
-                if as_objects:
-                    writer.key(name)
-                _write_nested(writer, items[item * per_row:(item + 1) * per_row], inner, write_run)
+            writer.raw_run(rows[0][1])
             writer.single_line = False
-            if as_objects:
-                writer.end_object()
+        else:
+            for item in range(batch):
+                if as_objects:
+                    writer.start_object()
+                writer.single_line = True
+                for name, items, write_run, inner, per_row in rows:
+                    if as_objects:
+                        writer.key(name)
+                    _write_nested(writer, items[item * per_row:(item + 1) * per_row], inner, write_run)
+                writer.single_line = False
+                if as_objects:
+                    writer.end_object()
         writer.end_array()
     else:
         writer.key("outputs")

@@ -11,7 +11,9 @@ then `.0`), vectorised over numpy arrays.
 from __future__ import annotations
 
 import base64
+import math
 import re
+import struct
 
 import numpy as np
 import orjson
@@ -50,9 +52,9 @@ class PrettyWriter:
         self._prefix()
         self.parts.append(text)
 
-    def raw_run(self, texts: list[str]) -> None:
+    def raw_run(self, texts: list[str] | CsvRun) -> None:
         """Several scalar values in a row inside the current array (fast path)."""
-        if not texts:
+        if not len(texts):
             return
         if len(texts) == 1 or not self._stack or not self._stack[-1][0]:
             for t in texts:
@@ -60,7 +62,7 @@ class PrettyWriter:
             return
         self._prefix()
         sep = ", " if self.single_line else ",\n" + _INDENT * len(self._stack)
-        self.parts.append(sep.join(texts))
+        self.parts.append(texts.joined(sep) if isinstance(texts, CsvRun) else sep.join(texts))
         self._stack[-1][1] += len(texts) - 1
 
     def key(self, name: str) -> None:
@@ -90,6 +92,35 @@ class PrettyWriter:
 
     def getvalue(self) -> bytes:
         return "".join(self.parts).encode("utf-8", "surrogateescape")
+
+
+class CsvRun:
+    """Rendered values kept as one comma-separated text, so a whole run is written without
+    making a string per value; slicing (rows of a larger tensor) splits it once."""
+
+    __slots__ = ("_csv", "_count", "_texts")
+
+    def __init__(self, csv: str, count: int) -> None:
+        self._csv, self._count, self._texts = csv, count, None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, part):
+        if isinstance(part, slice) and part.indices(self._count) == (0, self._count, 1):
+            return self
+        return self.texts()[part]
+
+    def __iter__(self):
+        return iter(self.texts())
+
+    def texts(self) -> list[str]:
+        if self._texts is None:
+            self._texts = self._csv.split(",")
+        return self._texts
+
+    def joined(self, sep: str) -> str:
+        return self._csv.replace(",", sep)
 
 
 def json_string(text: str) -> str:
@@ -132,9 +163,19 @@ def b64_object(value: bytes, writer: PrettyWriter) -> None:
     writer.end_object()
 
 
-def format_floats(values: np.ndarray) -> list[str]:
+# Below this many values, formatting one by one beats numpy's per-call overhead.
+_SMALL_RUN = 32
+_FLOAT32 = struct.Struct("f")
+
+
+def format_floats(values: np.ndarray) -> list[str] | CsvRun:
     """TF Serving's WriteDecimal for a flat float32/float64 array."""
     flat = values.ravel()
+    if flat.size <= _SMALL_RUN:
+        single = flat.dtype == np.float32
+        return [_format_one(v, single) for v in flat.tolist()]
+    if flat.dtype == np.float32:
+        return _format_float32(flat)
     py = flat.tolist()
     short = list(map("%.6g".__mod__, py))
     finite = np.isfinite(flat)
@@ -151,6 +192,58 @@ def format_floats(values: np.ndarray) -> list[str]:
         short[i] = "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
     finite_idx = finite.tolist()
     return [s + ".0" if ok and "." not in s and "e" not in s else s for s, ok in zip(short, finite_idx)]
+
+
+def _format_float32(flat: np.ndarray) -> CsvRun:
+    """`format_floats` for a large float32 array without formatting values one by one.
+
+    For 1e-4 <= |x| < 1e9, `%.6g` / `%.9g` print fixed notation, so TF's text is the
+    decimal those round to, trailing zeros dropped, `.0` added to integers. That decimal
+    is computed exactly in float64 (x * 10^k needs at most 24 + 28 bits for k <= 12) and
+    orjson prints a float64 holding it as exactly those digits (its shortest round trip).
+    Zeros print as orjson does too; the rest (tiny, huge, NaN, inf) take `_format_one`.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):  # NaNs and infinities take the slow path
+        x = flat.astype(np.float64)
+        a = np.abs(x)
+        in_range = (a >= 1e-4) & (a < 1e9)
+        e = np.floor(np.log10(np.where(in_range, a, 1.0)))
+        e += a >= 10.0 ** (e + 1)  # log10 rounding at exact powers of ten
+        e -= a < 10.0 ** e
+        scale6 = 10.0 ** np.clip(5 - e, 0, 9)
+        six = np.rint(a * scale6) / scale6
+        six_exact = six.astype(np.float32) == a.astype(np.float32)
+    fast = in_range & ~(six_exact & (a >= 1e6))  # %.6g prints 1e+06 and up in scientific notation
+    scale9 = 10.0 ** np.clip(8 - e, 0, 12)
+    decimal = np.where(six_exact, six, np.rint(a * scale9) / scale9)
+    decimal = np.where(fast, np.copysign(decimal, x), x)
+    csv = orjson.dumps(decimal, option=orjson.OPT_SERIALIZE_NUMPY).decode()[1:-1]
+    slow = np.flatnonzero(~fast & (a != 0)).tolist()
+    if not slow:
+        return CsvRun(csv, flat.size)
+    texts = csv.split(",")
+    for i in slow:
+        texts[i] = _format_one(float(x[i]), True)
+    return CsvRun(",".join(texts), flat.size)
+
+
+def _format_one(value: float, single: bool) -> str:
+    """`format_floats` for one value, without numpy."""
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "Infinity" if value > 0 else "-Infinity"
+    text = "%.6g" % value
+    if single:
+        try:
+            exact = _FLOAT32.unpack(_FLOAT32.pack(float(text)))[0] == value
+        except OverflowError:
+            exact = False
+        if not exact:
+            text = "%.9g" % value
+    elif float(text) != value:
+        text = "%.17g" % value
+    return text if "." in text or "e" in text else text + ".0"
 
 
 def format_double(value: float) -> str:

@@ -1,7 +1,7 @@
 """The REST front-end: TF Serving's /v1 URL scheme as a raw ASGI application (and /healthz, /readyz, /openapi.yaml).
 
-A thin adapter: it routes, reads (and gunzips) the body, hands the work to a
-worker thread and maps `ServingError` to TF Serving's HTTP status and
+A thin adapter: it routes, reads (and gunzips) the body, decodes small predict
+bodies on the loop and hands everything else to a worker thread, and maps `ServingError` to TF Serving's HTTP status and
 `{"error": ...}` body. No web framework: TF Serving's routing quirks
 (case-insensitive prefix, case-sensitive verbs, percent-decoded names, empty
 bodies for some early errors) are easier to reproduce with two regexes.
@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -25,7 +25,7 @@ import orjson
 from google.protobuf import json_format
 
 from pyserving import json_codec, json_examples, metrics
-from pyserving.concurrency import run_sync
+from pyserving.concurrency import run_sized, run_sync
 from pyserving.dataplane import SIGNATURE_DEF_FIELD, DataPlane, ModelSpec
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.manager import VersionStatus
@@ -116,7 +116,7 @@ class RestApi:
         except ServingError as exc:
             await _respond(send, exc.http_status, json_codec.encode_error(exc.message), self._json_headers)
             return
-        status, payload = await run_sync(self._pool, self._handle, method, path, body)
+        status, payload = await self._handle(method, path, body)
         await _respond(send, status, payload, self._json_headers)
 
     async def _operations(self, send, path: str) -> None:
@@ -131,13 +131,13 @@ class RestApi:
         else:
             await _respond(send, 200, metrics.exposition(), [(b"content-type", metrics.CONTENT_TYPE)])
 
-    def _handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
-        """Route and run one request on a worker thread; records request_count and request_latency."""
+    async def _handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        """Route and run one request; records request_count and request_latency."""
         started = time.perf_counter()
         model, api, code = "", "", Code.OK
         try:
             model, api, run = self._route(method, path)
-            status, payload = 200, run(body)
+            status, payload = 200, await run(body)
         except _EmptyBodyError:
             code, status, payload = Code.INVALID_ARGUMENT, 400, b""
         except ServingError as exc:
@@ -151,7 +151,7 @@ class RestApi:
             metrics.REQUEST_LATENCY.observe(model, api, "REST", value=(time.perf_counter() - started) * 1e6)
         return status, payload
 
-    def _route(self, method: str, path: str) -> tuple[str, str, Callable[[bytes], bytes]]:
+    def _route(self, method: str, path: str) -> tuple[str, str, Callable[[bytes], Awaitable[bytes]]]:
         """(model name, API label, handler of the body) for a request."""
         if method == "POST":
             match = _POST.fullmatch(path)
@@ -159,7 +159,8 @@ class RestApi:
                 spec = _model_spec(*match.group(1, 2, 3))
                 if match.group(4) == "predict":
                     return spec.name, "predict", functools.partial(self._predict, spec)
-                return spec.name, match.group(4), functools.partial(self._classify_or_regress, match.group(4), spec)
+                return spec.name, match.group(4), functools.partial(
+                    run_sync, self._pool, self._classify_or_regress, match.group(4), spec)
         elif method == "GET":
             match = _GET.fullmatch(path)
             if match:
@@ -167,22 +168,25 @@ class RestApi:
                     raise invalid_argument("Missing model name in request.")
                 spec = _model_spec(*match.group(1, 2, 3))
                 if match.group(4) == "metadata":
-                    return spec.name, "", lambda _: self._metadata(spec)
-                return spec.name, "", lambda _: self._status(spec)
+                    return spec.name, "", lambda _: run_sync(self._pool, self._metadata, spec)
+                return spec.name, "", lambda _: run_sync(self._pool, self._status, spec)
         raise invalid_argument(f"Malformed request: {method} {path}")
 
-    def _predict(self, spec: ModelSpec, body: bytes) -> bytes:
-        doc = json_codec.parse_object(body)
+    async def _predict(self, spec: ModelSpec, body: bytes) -> bytes:
+        """The hot path: codecs inline for small bodies, the session call off the loop."""
+        doc = await run_sized(self._pool, len(body), json_codec.parse_object, body)
         signature_key = json_codec.signature_name(doc)
         with self._dataplane.lease(spec) as target:
             signature = target[1].signature_defs.get(signature_key or DEFAULT_SIGNATURE)
             if signature is None:
                 raise invalid_argument(f'Serving signature name: "{signature_key}" not found in signature def')
-            inputs = json_codec.decode_predict(doc, signature, signature_key, body)
+            inputs = await run_sized(self._pool, len(body), json_codec.decode_predict, doc, signature, signature_key,
+                                     body)
             spec = ModelSpec(spec.name, spec.version, spec.label, signature_key)
-            result = self._dataplane.predict(spec, inputs.tensors, timeout_ms=self._settings.timeout_ms,
-                                             target=target)
-        return json_codec.encode_predict(result.outputs, inputs.format)
+            result = await self._dataplane.predict_async(self._pool, spec, inputs.tensors,
+                                                         timeout_ms=self._settings.timeout_ms, target=target)
+        return await run_sized(self._pool, json_codec.encoded_size(result.outputs), json_codec.encode_predict,
+                               result.outputs, inputs.format)
 
     def _classify_or_regress(self, method: str, spec: ModelSpec, body: bytes) -> bytes:
         doc = json_codec.parse_object(body)

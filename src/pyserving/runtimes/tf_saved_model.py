@@ -58,15 +58,15 @@ def read_signature_defs(path: str, tags: list[str]) -> dict[str, meta_graph_pb2.
 
 
 # The inter-op pool that auto parallelism names: shared by every session, used by loads
-# and by calls with a timeout (a call on the caller's thread cannot be cancelled).
+# and by graphs with loops (a call on the caller's thread cannot be cancelled).
 _SHARED_INTER_OP_POOL = "pyserving_inter_op"
 
 
 def session_config(intra_op: int, inter_op: int) -> config_pb2.ConfigProto:
     """TF session options from the `--tensorflow_*_parallelism` flags (0 = auto).
 
-    Auto inter-op differs from TF Serving on purpose: a call without a timeout runs its
-    ops on the calling thread instead of handing them to the inter-op pool (see
+    Auto inter-op differs from TF Serving on purpose: a call to a graph without loops runs
+    its ops on the calling thread instead of handing them to the inter-op pool (see
     `SavedModelServable`), so the session gets a named pool it can opt out of per call.
     A positive value gives TF's plain pool of that size, for graphs with independent
     branches worth running side by side.
@@ -79,6 +79,17 @@ def session_config(intra_op: int, inter_op: int) -> config_pb2.ConfigProto:
     if inter_op == 0:
         config.session_inter_op_thread_pool.add(num_threads=0, global_name=_SHARED_INTER_OP_POOL)
     return config
+
+
+# Ops that make a graph loop: TF1 control flow frames and TF2 functional loops.
+_LOOP_OPS = frozenset({"Enter", "NextIteration", "LoopCond", "While", "StatelessWhile", "_While", "For"})
+
+
+def _has_loop(graph_def) -> bool:
+    """Whether the graph or any function in its library can loop."""
+    nodes = [node.op for node in graph_def.node]
+    nodes += [node.op for function in graph_def.library.function for node in function.node_def]
+    return not _LOOP_OPS.isdisjoint(nodes)
 
 
 class SavedModelServable:
@@ -102,7 +113,10 @@ class SavedModelServable:
             raise from_tf_error(exc) from exc
         self._callables: dict[tuple, object] = {}
         self._lock = threading.Lock()
-        self._caller_thread = any(p.global_name == _SHARED_INTER_OP_POOL for p in config.session_inter_op_thread_pool)
+        # A call on the caller's thread ignores its timeout, so only graphs without loops (whose run
+        # time is bounded by their input) run there; a graph with a loop keeps cancellable calls.
+        self._caller_thread = (any(p.global_name == _SHARED_INTER_OP_POOL for p in config.session_inter_op_thread_pool)
+                               and not _has_loop(meta_graph.graph_def))
 
     def _check_variables_restored(self, graph_def) -> None:
         """Fail the load if a signature reads a resource variable that restoring left uninitialized.
@@ -150,6 +164,7 @@ class SavedModelServable:
         timeout_ms: int,
     ) -> list[np.ndarray]:
         feed_aliases = tuple(sorted(inputs))
+        timeout_ms = 0 if self._caller_thread else timeout_ms
         key = (id(signature), feed_aliases, tuple(output_aliases), timeout_ms)
         fn = self._callables.get(key) or self._make_callable(
             key, [signature.inputs[a].name for a in feed_aliases],
@@ -165,6 +180,7 @@ class SavedModelServable:
         feeds = {signature.inputs[alias].name: array for signature, _ in tasks for alias, array in inputs.items()}
         feed_names = tuple(sorted(feeds))
         fetch_names = tuple(sorted({signature.outputs[a].name for signature, aliases in tasks for a in aliases}))
+        timeout_ms = 0 if self._caller_thread else timeout_ms
         key = (feed_names, fetch_names, timeout_ms)
         fn = self._callables.get(key) or self._make_callable(key, feed_names, fetch_names, timeout_ms)
         values = dict(zip(fetch_names, self._call(fn, [feeds[n] for n in feed_names])))
@@ -181,10 +197,10 @@ class SavedModelServable:
 
     def _make_callable(self, key: tuple, feed_names, fetch_names, timeout_ms: int):
         options = config_pb2.CallableOptions(feed=feed_names, fetch=fetch_names)
-        if timeout_ms > 0:
-            options.run_options.timeout_in_ms = timeout_ms
-        elif self._caller_thread:
+        if self._caller_thread:
             options.run_options.inter_op_thread_pool = _CALLER_THREAD
+        elif timeout_ms > 0:
+            options.run_options.timeout_in_ms = timeout_ms
         with self._lock:
             fn = self._callables.get(key)
             if fn is None:
