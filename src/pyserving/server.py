@@ -11,6 +11,7 @@ process exits 0. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -295,6 +296,11 @@ def run(options: Options) -> int:
     except (StartupError, ServingError) as exc:
         print(f"Failed to start server. Error: {exc}", flush=True)
         return 255
+    # TensorFlow and the loaded graphs leave about a million long-lived objects; a full
+    # collection walking them all paused serving for 100+ ms (p99 at 64 connections went
+    # from 9 to 128 ms). Frozen, they are never scanned again.
+    gc.collect()
+    gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
             runner.run(_serve(options, core, tls, metrics_path))
