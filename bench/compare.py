@@ -172,6 +172,8 @@ def h2load(port: int, body: bytes, connections: int, seconds: float, work: Path)
     durations = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.strip())
     status = re.search(r"status codes: (\d+) 2xx", out)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    if not durations:  # nothing completed (a stalled server): report it instead of stopping the run
+        durations = [math.nan]
     return {"rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
             "p50": durations[len(durations) // 2], "p99": durations[int(len(durations) * 0.99)],
             "errors": int(done.group(1)) - int(done.group(2)) if done else (0 if status else -1)}

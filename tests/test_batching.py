@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -124,6 +125,26 @@ def test_full_queue_answers_unavailable(start_server, tmp_path):
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             outcomes = list(pool.map(lambda _: _grpc_code(stub, request), range(6)))
     assert grpc.StatusCode.OK in outcomes and grpc.StatusCode.UNAVAILABLE in outcomes
+
+
+def test_calls_cancelled_while_queued_do_not_stop_the_batcher(start_server, tmp_path):
+    """A gRPC call whose deadline passes while it waits for its batch is cancelled; the batch
+    threads must drop it and keep serving everyone else."""
+    config = batching_file(tmp_path, "max_batch_size { value: 8 } batch_timeout_micros { value: 300000 } "
+                                     "num_batch_threads { value: 1 }")
+    server = start_server("--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}", "--enable_batching",
+                          f"--batching_parameters_file={config}")
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Predict(predict_request(values=[1.0]), timeout=0.05)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.4)  # the batch it was queued in comes due without it
+        response = stub.Predict(predict_request(values=[1.0, 3.0]), timeout=10)
+        assert list(response.outputs["y"].float_val) == [2.5, 3.5]
+    assert post(server.rest + "/v1/models/half_plus_two:predict", {"instances": [[5.0]]}).json() == {
+        "predictions": [[4.5]]}
 
 
 def _grpc_code(stub, request) -> grpc.StatusCode:

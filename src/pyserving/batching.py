@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import logging
 import math
 import threading
 import time
@@ -30,6 +31,8 @@ from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.servable import Servable
 
 DEFAULT_THREAD_POOL = "batch_threads"
+
+log = logging.getLogger("pyserving")
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,18 @@ class Batcher:
                 if not queue.tasks:
                     del self._queues[key]
                     self._order.remove(key)
-            self._run(queue, batch)
+            # A caller that went away (an RPC cancelled while queued) cancelled its future: its rows
+            # are dropped, and the others' futures are marked running so they can no longer be cancelled.
+            batch = [task for task in batch if task.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                self._run(queue, batch)
+            except Exception:  # a batch thread must outlive any one batch
+                log.exception("Batch failed")
+                for task in batch:
+                    if not task.future.done():
+                        task.future.set_exception(ServingError(Code.INTERNAL, "Batch failed"))
 
     def _next_ready(self) -> tuple[tuple | None, float]:
         """The first queue (round robin) with a batch to run now, else how long until one is."""
@@ -259,7 +273,8 @@ class Batcher:
             self._queues.clear()
             self._order.clear()
         for task in pending:
-            task.future.set_exception(ServingError(Code.UNAVAILABLE, "Server is shutting down"))
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(ServingError(Code.UNAVAILABLE, "Server is shutting down"))
 
 
 def _batch_rows(inputs: dict[str, np.ndarray]) -> int:
