@@ -163,7 +163,7 @@ def b64_object(value: bytes, writer: PrettyWriter) -> None:
     writer.end_object()
 
 
-# Below this many values, formatting one by one beats numpy's per-call overhead.
+# Below this many float32 values, formatting one by one beats the vectorised path's numpy overhead.
 _SMALL_RUN = 32
 _FLOAT32 = struct.Struct("f")
 
@@ -171,27 +171,10 @@ _FLOAT32 = struct.Struct("f")
 def format_floats(values: np.ndarray) -> list[str] | CsvRun:
     """TF Serving's WriteDecimal for a flat float32/float64 array."""
     flat = values.ravel()
-    if flat.size <= _SMALL_RUN:
-        single = flat.dtype == np.float32
-        return [_format_one(v, single) for v in flat.tolist()]
-    if flat.dtype == np.float32:
+    if flat.dtype == np.float32 and flat.size > _SMALL_RUN:
         return _format_float32(flat)
-    py = flat.tolist()
-    short = list(map("%.6g".__mod__, py))
-    finite = np.isfinite(flat)
-    if flat.dtype == np.float64:
-        long_fmt, back = "%.17g", np.array(short, dtype=np.float64)
-    else:
-        long_fmt, back = "%.9g", np.array(short, dtype=np.float64).astype(np.float32)
-    with np.errstate(invalid="ignore"):
-        redo = np.flatnonzero(finite & (back != flat))
-    for i in redo.tolist():
-        short[i] = long_fmt % py[i]
-    for i in np.flatnonzero(~finite).tolist():
-        v = py[i]
-        short[i] = "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
-    finite_idx = finite.tolist()
-    return [s + ".0" if ok and "." not in s and "e" not in s else s for s, ok in zip(short, finite_idx)]
+    single = flat.dtype == np.float32
+    return [_format_one(v, single) for v in flat.tolist()]
 
 
 def _format_float32(flat: np.ndarray) -> CsvRun:
@@ -228,7 +211,8 @@ def _format_float32(flat: np.ndarray) -> CsvRun:
 
 
 def _format_one(value: float, single: bool) -> str:
-    """`format_floats` for one value, without numpy."""
+    """TF's WriteDecimal for one value: `%.6g` if it reads back exactly, else `%.9g` (float32) or
+    `%.17g` (float64); `.0` added when the text has neither a point nor an exponent."""
     if value != value:
         return "NaN"
     if value in (math.inf, -math.inf):
@@ -248,8 +232,9 @@ def _format_one(value: float, single: bool) -> str:
 
 def format_double(value: float) -> str:
     """WriteDecimal for one Python float (double precision)."""
-    return format_floats(np.array([value], dtype=np.float64))[0]
+    return _format_one(value, False)
 
 
 def format_float32(value: float) -> str:
-    return format_floats(np.array([value], dtype=np.float32))[0]
+    """WriteDecimal for a Python float that float32 holds exactly."""
+    return _format_one(value, True)
