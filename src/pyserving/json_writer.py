@@ -5,7 +5,7 @@ to single-line arrays inside row-format items, which yields layouts such as
 `{\n    "predictions": [3.0, 3.5, 4.0\n    ]\n}`. Clients may compare bytes,
 so the writer reproduces the same prefixes, separators and indentation.
 Numbers are formatted by `format_floats` (TF's `%.6g`, else `%.9g`/`%.17g`,
-then `.0`), vectorised over numpy arrays.
+then `.0`): value by value, or vectorised for large float32 arrays.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The REST front-end: TF Serving's /v1 URL scheme as a raw ASGI application (and /healthz, /readyz, /openapi.yaml).
 
 A thin adapter: it routes, reads (and gunzips) the body, decodes small predict
-bodies on the loop and hands everything else to a worker thread, and maps `ServingError` to TF Serving's HTTP status and
-`{"error": ...}` body. No web framework: TF Serving's routing quirks
+bodies on the loop and hands everything else to a worker thread, and maps
+`ServingError` to TF Serving's HTTP status and `{"error": ...}` body. No web framework: TF Serving's routing quirks
 (case-insensitive prefix, case-sensitive verbs, percent-decoded names, empty
 bodies for some early errors) are easier to reproduce with two regexes.
 """
