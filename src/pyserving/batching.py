@@ -8,12 +8,18 @@ take ready batches from the queues in turn. A batch is ready when it holds
 with the load). Inputs are concatenated along dimension 0, padded up to the
 next of `allowed_batch_sizes`, run once and split back, so every caller gets
 exactly its own rows. Semantics follow TF Serving's BatchingParameters.
+
+Results go back through a concurrent future to a blocked thread (`run`) or through
+an asyncio future to the event loop (`run_async`); a batch's asyncio results reach
+each loop in one thread-safe call, not one wake-up per caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
+import itertools
 import logging
 import math
 import threading
@@ -26,7 +32,6 @@ import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from pyserving import metrics
-from pyserving.concurrency import wait_all
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.servable import Servable
 
@@ -91,13 +96,23 @@ class BatchingOptions:
 
 
 class _Task:
-    __slots__ = ("inputs", "rows", "future", "enqueued")
+    """A queued call (or part of one); `loop` is None when a thread waits on `future`, else the loop it belongs to."""
 
-    def __init__(self, inputs: dict[str, np.ndarray], rows: int) -> None:
+    __slots__ = ("inputs", "rows", "loop", "future", "enqueued")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, loop: asyncio.AbstractEventLoop | None) -> None:
         self.inputs = inputs
         self.rows = rows
-        self.future: Future = Future()
+        self.loop = loop
+        self.future: Future | asyncio.Future = Future() if loop is None else loop.create_future()
         self.enqueued = time.monotonic()
+
+    def claim(self) -> bool:
+        """False if the caller went away (an RPC cancelled while queued); else its future can no longer be
+        cancelled (a thread's) or a late cancel is ignored when the result arrives (a loop's)."""
+        if self.loop is None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.cancelled()
 
 
 class _Queue:
@@ -162,15 +177,22 @@ class Batcher:
     def run(self, servable: Servable, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray],
             aliases: list[str], timeout_ms: int) -> list[np.ndarray]:
         """Like `servable.run`, but batched with concurrent calls; blocks until this call's rows are back."""
-        return _joined([future.result() for future in self.submit(servable, signature, inputs, aliases, timeout_ms)])
+        futures = self._submit(servable, signature, inputs, aliases, timeout_ms, None)
+        return _joined([future.result() for future in futures])
 
     async def run_async(self, servable: Servable, signature: meta_graph_pb2.SignatureDef,
                         inputs: dict[str, np.ndarray], aliases: list[str], timeout_ms: int) -> list[np.ndarray]:
         """`run` for the event loop: awaits the batch instead of holding a thread."""
-        return _joined(await wait_all(self.submit(servable, signature, inputs, aliases, timeout_ms)))
+        futures = self._submit(servable, signature, inputs, aliases, timeout_ms, asyncio.get_running_loop())
+        try:
+            return _joined([await future for future in futures])
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
 
-    def submit(self, servable: Servable, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray],
-               aliases: list[str], timeout_ms: int) -> list[Future]:
+    def _submit(self, servable: Servable, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray],
+                aliases: list[str], timeout_ms: int, loop: asyncio.AbstractEventLoop | None) -> list:
         """Queue a call, split into parts if it is larger than a batch; each part's future gets its outputs."""
         rows = _batch_rows(inputs)
         key = (id(servable), id(signature), tuple(sorted(inputs)), tuple(aliases), timeout_ms)
@@ -183,7 +205,8 @@ class Batcher:
             if queue is None:
                 queue = self._queues[key] = _Queue(servable, signature, aliases, timeout_ms, options)
                 self._order.append(key)
-            tasks = [_Task(part, part_rows) for part, part_rows in _split(inputs, rows, options.execution_batch_size)]
+            tasks = [_Task(part, part_rows, loop)
+                     for part, part_rows in _split(inputs, rows, options.execution_batch_size)]
             batches_after = math.ceil((queue.rows + rows) / options.execution_batch_size)
             if batches_after > options.max_enqueued_batches:
                 raise ServingError(Code.UNAVAILABLE,
@@ -209,18 +232,15 @@ class Batcher:
                 if not queue.tasks:
                     del self._queues[key]
                     self._order.remove(key)
-            # A caller that went away (an RPC cancelled while queued) cancelled its future: its rows
-            # are dropped, and the others' futures are marked running so they can no longer be cancelled.
-            batch = [task for task in batch if task.future.set_running_or_notify_cancel()]
+            batch = [task for task in batch if task.claim()]  # the rows of callers gone are dropped
             if not batch:
                 continue
             try:
-                self._run(queue, batch)
+                outcomes = self._run(queue, batch)
             except Exception:  # a batch thread must outlive any one batch
                 log.exception("Batch failed")
-                for task in batch:
-                    if not task.future.done():
-                        task.future.set_exception(ServingError(Code.INTERNAL, "Batch failed"))
+                outcomes = [ServingError(Code.INTERNAL, "Batch failed")] * len(batch)
+            _settle(batch, outcomes)
 
     def _next_ready(self) -> tuple[tuple | None, float]:
         """The first queue (round robin) with a batch to run now, else how long until one is."""
@@ -234,7 +254,8 @@ class Batcher:
             soonest = min(soonest, wait)
         return None, soonest
 
-    def _run(self, queue: _Queue, batch: list[_Task]) -> None:
+    def _run(self, queue: _Queue, batch: list[_Task]) -> list:
+        """Each task's outputs, or the exception they all get."""
         options = queue.options
         started = time.monotonic()
         for task in batch:
@@ -256,14 +277,9 @@ class Batcher:
                         f"Batched output tensor {alias} has {output.shape[0] if output.ndim else 'no'} rows for a "
                         f"batch of {size}: its signature cannot be batched")
         except Exception as exc:  # every caller of the batch gets the error
-            error = exc if isinstance(exc, ServingError) else ServingError(Code.INTERNAL, str(exc))
-            for task in batch:
-                task.future.set_exception(error)
-            return
-        offset = 0
-        for task in batch:
-            task.future.set_result([output[offset:offset + task.rows] for output in outputs])
-            offset += task.rows
+            return [exc if isinstance(exc, ServingError) else ServingError(Code.INTERNAL, str(exc))] * len(batch)
+        offsets = itertools.accumulate((task.rows for task in batch), initial=0)
+        return [[output[start:start + task.rows] for output in outputs] for task, start in zip(batch, offsets)]
 
     def stop(self) -> None:
         with self._changed:
@@ -272,9 +288,37 @@ class Batcher:
             pending = [task for queue in self._queues.values() for task in queue.tasks]
             self._queues.clear()
             self._order.clear()
-        for task in pending:
-            if task.future.set_running_or_notify_cancel():
-                task.future.set_exception(ServingError(Code.UNAVAILABLE, "Server is shutting down"))
+        pending = [task for task in pending if task.claim()]
+        _settle(pending, [ServingError(Code.UNAVAILABLE, "Server is shutting down")] * len(pending))
+
+
+def _settle(tasks: list[_Task], outcomes: list) -> None:
+    """Complete each task's future with its outcome (outputs, or an exception): a thread's directly,
+    a loop's in one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for task, outcome in zip(tasks, outcomes):
+        if task.loop is None:
+            if isinstance(outcome, BaseException):
+                task.future.set_exception(outcome)
+            else:
+                task.future.set_result(outcome)
+        else:
+            by_loop.setdefault(task.loop, []).append((task.future, outcome))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_on_loop, pairs)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle_on_loop(pairs: list[tuple[asyncio.Future, object]]) -> None:
+    for future, outcome in pairs:
+        if future.cancelled():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _batch_rows(inputs: dict[str, np.ndarray]) -> int:

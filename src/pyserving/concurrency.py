@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -34,7 +34,3 @@ async def run_sized(pool: ThreadPoolExecutor, size: int, fn: Callable[..., T], *
         return fn(*args)
     return await run_sync(pool, fn, *args)
 
-
-async def wait_all(futures: list[Future]) -> list:
-    """Await futures completed by another thread (the batcher's) without blocking the loop."""
-    return [await asyncio.wrap_future(future) for future in futures]

@@ -197,10 +197,9 @@ async def _start_rest(options: Options, core: ServerCore, tls: config_protos.SSL
                             options.rest_api_max_body_bytes, metrics_path)
     app = RestApi(core.dataplane, worker_pool(_request_threads(options.rest_api_num_threads, options), "rest"),
                   settings, core.readiness)
-    protocol = type("ReadDeadlineProtocol", (_ReadDeadlineProtocol,),
-                    {"read_timeout_s": max(options.rest_api_read_timeout_seconds, 1)})
+    protocol = type("RestProtocol", (_RestProtocol,), {"read_timeout_s": max(options.rest_api_read_timeout_seconds, 1)})
     config = uvicorn.Config(app, http=protocol, lifespan="off", access_log=False, log_config=None,
-                            server_header=False, date_header=False,
+                            server_header=False, date_header=False, proxy_headers=False,
                             timeout_graceful_shutdown=max(options.shutdown_grace_period_seconds, 0))
     config.load()
     if tls is not None:
@@ -225,8 +224,9 @@ async def _start_rest(options: Options, core: ServerCore, tls: config_protos.SSL
     return server
 
 
-class _ReadDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for receiving each whole request (headers and body).
+class _RestProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for receiving each whole request (headers and body),
+    whose responses go out in one send().
 
     uvicorn times out idle keep-alive connections but not a client that sends half a
     request and goes quiet; such a client would hold its connection (and a file
@@ -238,7 +238,7 @@ class _ReadDeadlineProtocol(HttpToolsProtocol):
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(_GatheringTransport(transport, self.loop))
         self._arm()
 
     def on_message_begin(self) -> None:
@@ -266,6 +266,49 @@ class _ReadDeadlineProtocol(HttpToolsProtocol):
         self._deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class _GatheringTransport:
+    """A connection's transport whose writes within one loop iteration leave as one writev.
+
+    uvicorn writes a response's head and its body separately, which costs a second
+    send() syscall and a second wake-up of the client per response; on loopback that
+    was about a tenth of the event loop's time per small predict.
+    """
+
+    __slots__ = ("_transport", "_loop", "_parts")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._parts:
+            self._loop.call_soon(self._flush)
+        self._parts.append(data)
+
+    def writelines(self, parts) -> None:
+        for data in parts:
+            self.write(data)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def _flush(self) -> None:
+        parts, self._parts = self._parts, []
+        if parts and not self._transport.is_closing():
+            self._transport.writelines(parts)
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 def _monitoring(options: Options) -> str | None:
