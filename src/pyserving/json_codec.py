@@ -20,7 +20,7 @@ import orjson
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from pyserving import tensors
+from pyserving import json_numeric, tensors
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.json_writer import (
     PrettyWriter, b64_object, bytes_string, format_double, format_float32, format_floats, json_string,
@@ -57,6 +57,12 @@ def parse_object(body: bytes) -> dict:
     if not isinstance(doc, dict):
         raise invalid_argument(f"JSON Value: {debug_string(doc)} Is not object")
     return doc
+
+
+def parse_predict(body: bytes) -> dict:
+    """`parse_object` for a predict body; its tensors come back as numpy arrays when json_numeric can prove
+    them regular and numeric, else as lists."""
+    return json_numeric.parse(body) or parse_object(body)
 
 
 class _NumberTooBig(Exception):
@@ -290,14 +296,21 @@ class _Filler:
         return flat.reshape(self.shape)
 
 
+class _NeedsLists(Exception):
+    """An array from json_numeric that only the slow path can judge: decode the lists instead."""
+
+
 def _fast_tensor(value, dtype: int, may_hold_bools: bool) -> np.ndarray | None:
     """numpy's own conversion when the result provably equals TF's; None to take the slow path."""
     if dtype == types_pb2.DT_STRING or (may_hold_bools and dtype != types_pb2.DT_BOOL):
         return None
-    try:
-        array = np.array(value)
-    except (ValueError, TypeError, OverflowError):
-        return None
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        try:
+            array = np.array(value)
+        except (ValueError, TypeError, OverflowError):
+            return None
     kind = array.dtype.kind
     if array.size == 0:
         return None
@@ -320,6 +333,8 @@ def _to_tensor(value, dtype: int, may_hold_bools: bool) -> np.ndarray:
     array = _fast_tensor(value, dtype, may_hold_bools)
     if array is not None:
         return array
+    if isinstance(value, np.ndarray):
+        raise _NeedsLists()
     filler = _Filler(dtype, _dense_shape(value))
     filler.fill(value)
     return filler.array()
@@ -333,12 +348,21 @@ class PredictInputs:
 
 def decode_predict(doc: dict, signature: meta_graph_pb2.SignatureDef, signature_key: str,
                    body: bytes) -> PredictInputs:
-    """Build input tensors from a predict request (`instances` or `inputs`)."""
+    """Build input tensors from a predict request (`instances` or `inputs`) parsed by `parse_predict`."""
+    try:
+        return _decode_predict(doc, signature, signature_key, body)
+    except _NeedsLists:
+        return _decode_predict(parse_object(body), signature, signature_key, body)
+
+
+def _decode_predict(doc: dict, signature: meta_graph_pb2.SignatureDef, signature_key: str,
+                    body: bytes) -> PredictInputs:
     # A plain dict: request keys may hold lone surrogates (invalid UTF-8), which a proto map rejects.
     infos = dict(signature.inputs)
     if not infos:
         raise invalid_argument(f"Failed to get input map for signature: {signature_key or 'DEFAULT'}")
-    may_hold_bools = b"true" in body or b"false" in body
+    # Booleans would turn numpy's result into 0/1 numbers; json_numeric's arrays hold none.
+    may_hold_bools = not _numeric_arrays(doc) and (b"true" in body or b"false" in body)
     has_instances = "instances" in doc
     if has_instances and "inputs" in doc:
         raise invalid_argument(
@@ -346,14 +370,21 @@ def decode_predict(doc: dict, signature: meta_graph_pb2.SignatureDef, signature_
             "'instances' keys to exist ")
     if has_instances:
         instances = doc["instances"]
-        if not isinstance(instances, list):
+        if not isinstance(instances, (list, np.ndarray)):
             raise invalid_argument(f"JSON Value: {debug_string(doc)} Expecting 'instances' to be an list/array")
-        if not instances:
+        if len(instances) == 0:
             raise invalid_argument(f"JSON Value: {debug_string(doc)} No values in 'instances' array")
         return PredictInputs(_from_instances(instances, infos, may_hold_bools), ROW)
     if "inputs" in doc:
         return PredictInputs(_from_inputs(doc["inputs"], infos, may_hold_bools), COLUMNAR)
     raise invalid_argument("Missing 'inputs' or 'instances' key")
+
+
+def _numeric_arrays(doc: dict) -> bool:
+    """Whether the tensors came from json_numeric."""
+    value = doc.get("instances", doc.get("inputs"))
+    return isinstance(value, np.ndarray) or (
+        isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()))
 
 
 def _first_input(infos) -> str:
@@ -403,6 +434,8 @@ def _from_instances(instances: list, infos, may_hold_bools: bool) -> dict[str, n
         array = _fast_tensor(instances, infos[name].dtype, may_hold_bools)
         if array is not None:
             return {name: array}
+    if isinstance(instances, np.ndarray):
+        raise _NeedsLists()
     return _instances_slow(instances, infos, names, objects=False)
 
 

@@ -174,7 +174,7 @@ class RestApi:
 
     async def _predict(self, spec: ModelSpec, body: bytes) -> bytes:
         """The hot path: codecs inline for small bodies, the session call off the loop."""
-        doc = await run_sized(self._pool, len(body), json_codec.parse_object, body)
+        doc = await run_sized(self._pool, len(body), json_codec.parse_predict, body)
         signature_key = json_codec.signature_name(doc)
         with self._dataplane.lease(spec) as target:
             signature = target[1].signature_defs.get(signature_key or DEFAULT_SIGNATURE)
