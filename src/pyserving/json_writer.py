@@ -200,14 +200,20 @@ def _format_float32(flat: np.ndarray) -> CsvRun:
     scale9 = 10.0 ** np.clip(8 - e, 0, 12)
     decimal = np.where(six_exact, six, np.rint(a * scale9) / scale9)
     decimal = np.where(fast, np.copysign(decimal, x), x)
-    csv = orjson.dumps(decimal, option=orjson.OPT_SERIALIZE_NUMPY).decode()[1:-1]
-    slow = np.flatnonzero(~fast & (a != 0)).tolist()
-    if not slow:
-        return CsvRun(csv, flat.size)
-    texts = csv.split(",")
-    for i in slow:
-        texts[i] = _format_one(float(x[i]), True)
-    return CsvRun(",".join(texts), flat.size)
+    # The slow values are formatted one by one between runs of fast ones printed in bulk.
+    pieces, start = [], 0
+    for i in np.flatnonzero(~fast & (a != 0)).tolist():
+        if i > start:
+            pieces.append(_csv(decimal[start:i]))
+        pieces.append(_format_one(float(x[i]), True))
+        start = i + 1
+    if start < flat.size:
+        pieces.append(_csv(decimal[start:]))
+    return CsvRun(",".join(pieces), flat.size)
+
+
+def _csv(values: np.ndarray) -> str:
+    return orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY).decode()[1:-1]
 
 
 def _format_one(value: float, single: bool) -> str:
