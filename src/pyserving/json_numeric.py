@@ -97,18 +97,19 @@ def _tensor(array) -> tuple[np.ndarray | None, bytes | None]:
         first = first[0]
     if type(first) not in (int, float):
         return None, None
-    flat = _numbers(array)
+    flat = _numbers(array, type(first) is int)
     if flat is None or flat.size != math.prod(shape):
         return None, None
     return flat.reshape(shape), _regular_structure(shape)
 
 
-def _numbers(array) -> np.ndarray | None:
+def _numbers(array, first_is_integer: bool) -> np.ndarray | None:
     """All numbers in the (possibly nested) array, flattened: int64 if all are integers, else float64."""
-    try:
-        return np.frombuffer(array.as_buffer(of_type="i"), dtype=np.int64)
-    except Exception:  # not all integers (or one beyond int64)
-        pass
+    if first_is_integer:
+        try:
+            return np.frombuffer(array.as_buffer(of_type="i"), dtype=np.int64)
+        except Exception:  # not all integers (or one beyond int64)
+            pass
     try:
         flat = np.frombuffer(array.as_buffer(of_type="d"), dtype=np.float64)
     except Exception:  # a string, boolean, null or object
