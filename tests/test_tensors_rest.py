@@ -113,6 +113,22 @@ def test_large_float_outputs_format_like_tf_serving(kitchen):
         assert texts == [_tf_float(v) for v in got.tolist()], name
 
 
+def test_large_numeric_bodies_decode_like_small_ones(kitchen):
+    """Bodies from 4 KiB up go through json_numeric (simdjson straight into numpy): regular arrays must
+    give the same tensors, and whatever it declines the same errors, as small bodies do."""
+    r = post(kitchen, {"signature_name": "ints", "inputs": [[i, -i] for i in range(1200)]})
+    assert r.json() == {"outputs": [[i + 1, 1 - i] for i in range(1200)]}
+    nested = np.arange(2 * 30 * 40, dtype=np.float32).reshape(2, 30, 40) / 8
+    r = post(kitchen, {"signature_name": "floats", "instances": nested.tolist()})
+    scaled = np.array([row["scaled"] for row in r.json()["predictions"]], np.float32)
+    assert scaled.shape == (2, 30, 40) and np.array_equal(scaled, nested * np.float32(9e6))
+    pad = [[5, 6]] * 1500
+    for small in ([[1, 2], [3]], [[1, 2], [3, 4.5]], [[1, 2], [3, True]], [[1, 2], [3, None]], [[1, 2], [[3], 4]],
+                  [[1, 2], [3, "4"]]):
+        errors = [post(kitchen, {"signature_name": "ints", "inputs": body}).json() for body in (small, small + pad)]
+        assert "error" in errors[0] and errors[1] == errors[0], small
+
+
 def test_scalar_columnar_and_rank0_row_error(kitchen):
     assert post(kitchen, {"signature_name": "floats", "inputs": 3.0}).content == (
         b'{\n    "outputs": {\n        "scaled": 2.7e+07,\n        "third": 1.0,\n        "tiny": 3e-05\n    }\n}')
