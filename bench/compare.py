@@ -75,7 +75,7 @@ def one_row(base: Path) -> tuple[str, np.ndarray]:
 # -- servers ------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def serve(kind: str, model: Path, work: Path):
+def serve(kind: str, model: Path, work: Path, extra_flags: tuple[str, ...] = ()):
     """Start one server for `model`; yield (rest_url_base, grpc_port or None)."""
     rest, grpc_port = free_port(), free_port()
     log = open(work / f"{kind}.log", "w")
@@ -85,7 +85,7 @@ def serve(kind: str, model: Path, work: Path):
         if kind.endswith("batching"):
             (work / "batching.config").write_text(BATCHING)
             flags += ["--enable_batching", f"--batching_parameters_file={work / 'batching.config'}"]
-        command = [sys.executable, "-m", "pyserving", *flags]
+        command = [sys.executable, "-m", "pyserving", *flags, *extra_flags]
     elif kind == "kserve":
         command = [str(VENVS / "kserve" / "bin" / "python"), str(HERE / "peers" / "kserve_server.py"), "m",
                    str(next(model.iterdir())), str(rest)]
@@ -211,11 +211,12 @@ def floor(model: Path, seconds: float) -> dict:
 
 def big_tensors(model: Path, work: Path, repeats: int) -> list[tuple[str, float]]:
     """MB/s for 1 MiB of float32 sent (upload), received (download) and both (round trip: 1 MiB per request
-    latency), REST JSON and gRPC tensor_content; random values, so JSON carries 9-digit numbers."""
+    latency), REST JSON and gRPC tensor_content (both ways: responses too, with
+    --enable_serialization_as_tensor_content); random values, so JSON carries 9-digit numbers."""
     n = 262144
     import grpc
     results = []
-    with serve("pyserving", model, work) as (url, grpc_port):
+    with serve("pyserving", model, work, ("--enable_serialization_as_tensor_content=true",)) as (url, grpc_port):
         session = requests.Session()
         x = np.random.default_rng(0).random(n, dtype=np.float32)
         upload = json.dumps({"signature_name": "upload", "inputs": {"x": x.tolist()}})
@@ -238,8 +239,8 @@ def big_tensors(model: Path, work: Path, repeats: int) -> list[tuple[str, float]
             "REST JSON download (1 MiB out)": rest(download),
             "REST JSON round trip (1 MiB in and out)": rest(roundtrip),
             "gRPC tensor_content upload": lambda: stub.Predict(up, timeout=60),
-            "gRPC download": lambda: stub.Predict(down, timeout=60),
-            "gRPC round trip": lambda: stub.Predict(both, timeout=60),
+            "gRPC tensor_content download": lambda: stub.Predict(down, timeout=60),
+            "gRPC tensor_content round trip": lambda: stub.Predict(both, timeout=60),
         }
         for name, call in calls.items():
             call()
