@@ -298,10 +298,7 @@ def _settle(tasks: list[_Task], outcomes: list) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for task, outcome in zip(tasks, outcomes):
         if task.loop is None:
-            if isinstance(outcome, BaseException):
-                task.future.set_exception(outcome)
-            else:
-                task.future.set_result(outcome)
+            _complete(task.future, outcome)
         else:
             by_loop.setdefault(task.loop, []).append((task.future, outcome))
     for loop, pairs in by_loop.items():
@@ -313,12 +310,15 @@ def _settle(tasks: list[_Task], outcomes: list) -> None:
 
 def _settle_on_loop(pairs: list[tuple[asyncio.Future, object]]) -> None:
     for future, outcome in pairs:
-        if future.cancelled():
-            continue
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
+        if not future.cancelled():
+            _complete(future, outcome)
+
+
+def _complete(future: Future | asyncio.Future, outcome) -> None:
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _batch_rows(inputs: dict[str, np.ndarray]) -> int:

@@ -2,9 +2,10 @@
 
 A thin adapter: it routes, reads (and gunzips) the body, decodes small predict
 bodies on the loop and hands everything else to a worker thread, and maps
-`ServingError` to TF Serving's HTTP status and `{"error": ...}` body. No web framework: TF Serving's routing quirks
-(case-insensitive prefix, case-sensitive verbs, percent-decoded names, empty
-bodies for some early errors) are easier to reproduce with two regexes.
+`ServingError` to TF Serving's HTTP status and `{"error": ...}` body. No web
+framework: TF Serving's routing quirks (case-insensitive prefix, case-sensitive
+verbs, percent-decoded names, empty bodies for some early errors) are easier to
+reproduce with two regexes.
 """
 
 from __future__ import annotations
