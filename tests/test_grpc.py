@@ -112,6 +112,11 @@ def test_predict_errors(stub):
     broken = predict_request()
     broken.inputs["x"].tensor_content = b"\x00\x01\x02"
     expect_error(stub.Predict, broken, bad.INVALID_ARGUMENT, "tensor parsing error: x")
+    for dims in ([2**62, 4], [2**40, 2**20]):  # more elements than int64 counts; more bytes than any machine has
+        huge = predict_request()
+        huge.inputs["x"].CopyFrom(tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, float_val=[1.0], tensor_shape={"dim": [{"size": d} for d in dims]}))
+        expect_error(stub.Predict, huge, bad.INVALID_ARGUMENT, "tensor parsing error: x")
 
 
 def test_metadata_and_status_errors(channel, stub):

@@ -135,9 +135,34 @@ def test_scalar_columnar_and_rank0_row_error(kitchen):
 
 
 def test_unsupported_output_dtype_is_400(kitchen):
-    r = post(kitchen, {"signature_name": "half", "inputs": [1.0]})
-    assert r.status_code == 400
-    assert r.json() == {"error": "Failed to write JSON value for tensor type: half"}
+    for body in ({"signature_name": "half", "inputs": [1.0]}, {"signature_name": "half", "instances": [1.0]}):
+        r = post(kitchen, body)
+        assert r.status_code == 400
+        assert r.json() == {"error": "Failed to write JSON value for tensor type: half"}
+
+
+@pytest.mark.parametrize(("signature", "instances", "expected"), [
+    ("ints", [1], b"[2"),
+    ("ints", [1, 2, 3], b"[2, 3, 4"),
+    ("ints", [[1]], b"[[2]"),
+    ("ints", [[1, 2, 3], [4, 5, 6]], b"[[2, 3, 4], [5, 6, 7]"),
+    ("ints", [[[1, 2], [3, 4]], [[5, 6], [7, 8]]], b"[[[2, 3], [4, 5]], [[6, 7], [8, 9]]"),
+    ("doubles", [[0.5, -3.0]], b"[[0.16666666666666666, -1.0]"),
+    ("ints", [list(range(17)), list(range(17))],  # 34 values: past the joined small-response path
+     b"[[" + ", ".join(str(i + 1) for i in range(17)).encode() + b"], ["
+     + ", ".join(str(i + 1) for i in range(17)).encode() + b"]"),
+])
+def test_one_output_row_layouts(kitchen, signature, instances, expected):
+    r = post(kitchen, {"signature_name": signature, "instances": instances})
+    assert r.status_code == 200, r.text
+    assert r.content == b'{\n    "predictions": ' + expected + b"\n    ]\n}"
+
+
+def test_numbers_beyond_float32_become_infinity(kitchen):
+    r = post(kitchen, {"signature_name": "floats", "inputs": [1e39, -1e39]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"outputs": {"scaled": [math.inf, -math.inf], "third": [math.inf, -math.inf],
+                                    "tiny": [math.inf, -math.inf]}}
 
 
 @pytest.mark.parametrize("pool", ["auto", "explicit"])

@@ -245,6 +245,8 @@ def _record_runtime(model: str, api: str, started: float) -> None:
 def _complete_inputs(signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]
                      ) -> dict[str, np.ndarray]:
     """Check the request's input keys against the signature; fill omitted ones from `defaults`."""
+    if len(inputs) == len(signature.inputs) and all(alias in signature.inputs for alias in inputs):
+        return inputs
     expected = set(signature.inputs)
     sent = set(inputs)
     extra = sorted(sent - expected)

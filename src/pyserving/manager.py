@@ -287,9 +287,11 @@ class ModelManager:
             if model is not None:
                 if version is not None:
                     record = model.versions.get(version)
-                else:
-                    record = max((r for r in model.versions.values() if r.status.state == State.AVAILABLE),
-                                 key=lambda r: r.status.version, default=None)
+                else:  # the latest AVAILABLE version (a plain loop: this runs on every request)
+                    for candidate in model.versions.values():
+                        if candidate.status.state == State.AVAILABLE and (
+                                record is None or candidate.status.version > record.status.version):
+                            record = candidate
             if record is None or record.status.state != State.AVAILABLE:
                 request = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
                 raise not_found(f"Servable not found for request: {request}")

@@ -6,13 +6,17 @@ Strings are numpy object arrays of `bytes`, which is what a TF session takes and
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from pyserving.errors import invalid_argument
 
 _REF_OFFSET = 100
+# TensorShape's limit: a shape whose element count overflows int64 is invalid.
+_MAX_ELEMENTS = 2**63 - 1
 
 # DataType -> (numpy dtype, TensorProto value field, TF's lowercase type name)
 _DTYPES: dict[int, tuple[np.dtype, str, str]] = {
@@ -71,10 +75,10 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
     if entry is None:
         raise invalid_argument(f"tensor parsing error: {name}")
     np_dtype, field, _ = entry
-    shape = tuple(d.size for d in proto.tensor_shape.dim)
-    if any(s < 0 for s in shape):
+    shape = tuple([d.size for d in proto.tensor_shape.dim])
+    count = math.prod(shape)
+    if any(s < 0 for s in shape) or count > _MAX_ELEMENTS:
         raise invalid_argument(f"tensor parsing error: {name}")
-    count = int(np.prod(shape, dtype=np.int64))
     if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
         if len(proto.tensor_content) != count * np_dtype.itemsize:
             raise invalid_argument(f"tensor parsing error: {name}")
@@ -95,7 +99,10 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
         return flat.reshape(shape)
     if flat.size > count:
         raise invalid_argument(f"tensor parsing error: {name}")
-    filled = np.empty(count, dtype=np_dtype)
+    try:
+        filled = np.empty(count, dtype=np_dtype)
+    except (MemoryError, ValueError):  # a shape too big to allocate: TF rejects the proto the same way
+        raise invalid_argument(f"tensor parsing error: {name}") from None
     filled[:] = flat[-1] if flat.size else (b"" if proto.dtype == types_pb2.DT_STRING else 0)
     filled[: flat.size] = flat
     return filled.reshape(shape)
@@ -109,12 +116,10 @@ def to_ndarrays(protos) -> dict[str, np.ndarray]:
 def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.TensorProto:
     """Encode a numpy array; `*_val` fields unless `tensor_content` (never for strings)."""
     dtype = dtype_of(array)
-    proto = tensor_pb2.TensorProto(
-        dtype=dtype,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]
-        ),
-    )
+    proto = tensor_pb2.TensorProto(dtype=dtype)
+    dims = proto.tensor_shape.dim
+    for size in array.shape:
+        dims.add(size=size)
     if dtype == types_pb2.DT_STRING:
         proto.string_val.extend(_as_bytes(v) for v in array.ravel())
     elif tensor_content:
