@@ -3,6 +3,7 @@
 import grpc
 import numpy as np
 import pytest
+import requests
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
@@ -171,6 +172,23 @@ def test_strings_and_defaults_over_grpc(start_server, tmp_path):
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         slow.inputs["n"].CopyFrom(tf.make_tensor_proto(5, dtype=tf.int64))
         assert list(stub.Predict(slow, timeout=30).outputs["count"].int64_val) == [5]
+
+        # float_val / double_val as TF writes them: every value (the same as REST's exact JSON text gives),
+        # the shape present even for a scalar.
+        x = np.random.default_rng(0).standard_normal((300, 7)).astype(np.float32)
+        for signature, dtype, field in (("floats", np.float32, "float_val"), ("doubles", np.float64, "double_val")):
+            request = predict_pb2.PredictRequest(model_spec={"name": "kitchen", "signature_name": signature})
+            request.inputs["x"].CopyFrom(tf.make_tensor_proto(x.astype(dtype)))
+            third = stub.Predict(request, timeout=30).outputs["third"]
+            assert [d.size for d in third.tensor_shape.dim] == [300, 7] and third.tensor_content == b""
+            rest = requests.post(f"{server.rest}/v1/models/kitchen:predict", timeout=30,
+                                 json={"signature_name": signature, "inputs": x.tolist()}).json()["outputs"]
+            rest = rest["third"] if signature == "floats" else rest  # one output: columnar JSON gives it bare
+            assert list(getattr(third, field)) == np.array(rest, dtype).ravel().tolist()
+            request.inputs["x"].CopyFrom(tf.make_tensor_proto(dtype(1.5)))
+            scalar = stub.Predict(request, timeout=30).outputs["third"]
+            assert scalar.HasField("tensor_shape") and not scalar.tensor_shape.dim
+            assert list(getattr(scalar, field)) == [0.5]
 
 
 def test_omitted_input_uses_signature_defaults(start_server):

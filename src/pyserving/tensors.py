@@ -117,6 +117,7 @@ def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.Tens
     """Encode a numpy array; `*_val` fields unless `tensor_content` (never for strings)."""
     dtype = dtype_of(array)
     proto = tensor_pb2.TensorProto(dtype=dtype)
+    proto.tensor_shape.SetInParent()  # present even for a scalar, as TF writes it
     dims = proto.tensor_shape.dim
     for size in array.shape:
         dims.add(size=size)
@@ -124,6 +125,8 @@ def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.Tens
         proto.string_val.extend(_as_bytes(v) for v in array.ravel())
     elif tensor_content:
         proto.tensor_content = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    elif dtype in _PACKED_FIELDS:
+        proto.MergeFromString(_packed_field(*_PACKED_FIELDS[dtype], array))
     elif dtype in _HALF_BITS:
         proto.half_val.extend(array.ravel().view(np.uint16).tolist())
     elif dtype in _COMPLEX:
@@ -131,6 +134,28 @@ def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.Tens
     else:
         getattr(proto, _DTYPES[dtype][1]).extend(array.ravel().tolist())
     return proto
+
+
+# float_val and double_val as protobuf field number and little-endian element type. Their packed wire
+# encoding is the raw values, so a response's values are copied in one piece, not set one Python float
+# at a time (that took 11 ms for 1 MiB of float32, the default encoding TF Serving clients receive).
+_PACKED_FIELDS = {
+    types_pb2.DT_FLOAT: (tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name["float_val"].number, "<f4"),
+    types_pb2.DT_DOUBLE: (tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name["double_val"].number, "<f8"),
+}
+_LENGTH_DELIMITED = 2
+
+
+def _packed_field(number: int, element: str, array: np.ndarray) -> bytes:
+    """A packed repeated fixed-width field as protobuf encodes it: tag, varint byte length, values."""
+    data = np.ascontiguousarray(array, dtype=element).tobytes()
+    header = bytearray([number << 3 | _LENGTH_DELIMITED])
+    size = len(data)
+    while size > 0x7F:
+        header.append(size & 0x7F | 0x80)
+        size >>= 7
+    header.append(size)
+    return bytes(header) + data
 
 
 def _as_bytes(value: object) -> bytes:
