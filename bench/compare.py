@@ -219,54 +219,60 @@ def floor(model: Path, seconds: float, repeats: int) -> dict:
 def big_tensors(model: Path, work: Path, repeats: int) -> list[tuple[str, float, float]]:
     """MB/s for 1 MiB of float32 sent (upload), received (download) and both (round trip: 1 MiB per request
     latency), REST JSON and gRPC tensor_content (both ways: responses too, with
-    --enable_serialization_as_tensor_content); random values, so JSON carries 9-digit numbers.
+    --enable_serialization_as_tensor_content), and gRPC float_val responses (TF Serving's default);
+    random values, so JSON carries 9-digit numbers.
     Each row: (direction, tensor MiB/s, bytes on the wire per second: request and response bodies)."""
     n = 262144
     import grpc
+    x = np.random.default_rng(0).random(n, dtype=np.float32)
+    upload = json.dumps({"signature_name": "upload", "inputs": {"x": x.tolist()}})
+    download = json.dumps({"signature_name": "download", "inputs": {"n": n}})
+    roundtrip = json.dumps({"signature_name": "roundtrip", "inputs": {"x": x.tolist()}})
+    up, down, both = predict_pb2.PredictRequest(), predict_pb2.PredictRequest(), predict_pb2.PredictRequest()
+    for request, signature in ((up, "upload"), (down, "download"), (both, "roundtrip")):
+        request.model_spec.name, request.model_spec.signature_name = "m", signature
+    up.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+    both.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+    down.inputs["n"].CopyFrom(tf.make_tensor_proto(n, dtype=tf.int32))
     results = []
-    with serve("pyserving", model, work, ("--enable_serialization_as_tensor_content=true",)) as (url, grpc_port):
-        session = requests.Session()
-        x = np.random.default_rng(0).random(n, dtype=np.float32)
-        upload = json.dumps({"signature_name": "upload", "inputs": {"x": x.tolist()}})
-        download = json.dumps({"signature_name": "download", "inputs": {"n": n}})
-        roundtrip = json.dumps({"signature_name": "roundtrip", "inputs": {"x": x.tolist()}})
-        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_receive_message_length", -1)])
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        up, down, both = predict_pb2.PredictRequest(), predict_pb2.PredictRequest(), predict_pb2.PredictRequest()
-        for request, signature in ((up, "upload"), (down, "download"), (both, "roundtrip")):
-            request.model_spec.name, request.model_spec.signature_name = "m", signature
-        up.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
-        both.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
-        down.inputs["n"].CopyFrom(tf.make_tensor_proto(n, dtype=tf.int32))
+    for flags in (("--enable_serialization_as_tensor_content=true",), ()):
+        with serve("pyserving", model, work, flags) as (url, grpc_port):
+            session = requests.Session()
+            channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}",
+                                            options=[("grpc.max_receive_message_length", -1)])
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
-        def rest(body: str):  # the bytes only: parsing the answer would time the client's JSON decoder
-            def call() -> int:
-                response = session.post(url + "/v1/models/m:predict", data=body)
-                response.raise_for_status()
-                return len(body) + len(response.content)
-            return call
+            def rest(body: str):  # the bytes only: parsing the answer would time the client's JSON decoder
+                def call() -> int:
+                    response = session.post(url + "/v1/models/m:predict", data=body)
+                    response.raise_for_status()
+                    return len(body) + len(response.content)
+                return call
 
-        def grpc_call(request: predict_pb2.PredictRequest):
-            return lambda: request.ByteSize() + stub.Predict(request, timeout=60).ByteSize()
+            def grpc_call(request: predict_pb2.PredictRequest):
+                return lambda: request.ByteSize() + stub.Predict(request, timeout=60).ByteSize()
 
-        calls = {
-            "REST JSON upload (1 MiB in)": rest(upload),
-            "REST JSON download (1 MiB out)": rest(download),
-            "REST JSON round trip (1 MiB in and out)": rest(roundtrip),
-            "gRPC tensor_content upload": grpc_call(up),
-            "gRPC tensor_content download": grpc_call(down),
-            "gRPC tensor_content round trip": grpc_call(both),
-        }
-        for name, call in calls.items():
-            wire = call()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
-            results.append((name, n * 4 / 2**20 / seconds, wire / 1e6 / seconds))
-        channel.close()
+            if flags:
+                calls = {
+                    "REST JSON upload (1 MiB in)": rest(upload),
+                    "REST JSON download (1 MiB out)": rest(download),
+                    "REST JSON round trip (1 MiB in and out)": rest(roundtrip),
+                    "gRPC tensor_content upload": grpc_call(up),
+                    "gRPC tensor_content download": grpc_call(down),
+                    "gRPC tensor_content round trip": grpc_call(both),
+                }
+            else:
+                calls = {"gRPC float_val download (the default response encoding)": grpc_call(down)}
+            for name, call in calls.items():
+                wire = call()
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    call()
+                    times.append(time.perf_counter() - start)
+                seconds = statistics.median(times)
+                results.append((name, n * 4 / 2**20 / seconds, wire / 1e6 / seconds))
+            channel.close()
     return results
 
 
