@@ -24,7 +24,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from pyserving import json_numeric, tensors
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.json_writer import (
-    PrettyWriter, b64_object, bytes_string, format_double, format_float32, format_floats, json_string,
+    CsvRun, PrettyWriter, b64_object, bytes_string, format_double, format_float32, format_floats, json_string,
 )
 
 ROW = "row"
@@ -554,20 +554,15 @@ def encoded_size(outputs: dict[str, np.ndarray]) -> int:
     return sum(array.size for array in outputs.values()) * _ENCODED_BYTES_PER_ELEMENT
 
 
-# Up to this many values, a one-output row response is joined from its value texts directly:
-# the PrettyWriter's bookkeeping per value was a tenth of a tiny model's predict on the event loop.
-_JOINED_VALUES = 32
-
-
-def _one_small_output_rows(name: str, array: np.ndarray) -> bytes | None:
-    """`encode_predict`'s row layout for a small one-output response (each row a single-line
-    array, the outer array closed on a line of its own); None where the writer is needed."""
-    if array.ndim == 0 or not 0 < array.size <= _JOINED_VALUES:
-        return None
-    items, write_run = _leaves(array, name)
-    if write_run is not PrettyWriter.raw_run:
-        return None
-    rows = ", ".join(_single_line_rows(list(items), array.shape))
+def _one_output_rows(items: list[str] | CsvRun, shape: tuple[int, ...]) -> bytes:
+    """`encode_predict`'s row layout for one output with text leaves, joined without the writer:
+    each row a single-line array, the outer array closed on a line of its own."""
+    if not shape[0]:
+        return b'{\n    "predictions": []\n}'
+    if len(shape) > 1:
+        rows = ", ".join(_single_line_rows(list(items), shape))
+    else:
+        rows = items.joined(", ") if isinstance(items, CsvRun) else ", ".join(items)
     return ('{\n    "predictions": [' + rows + "\n    ]\n}").encode("utf-8", "surrogateescape")
 
 
@@ -575,7 +570,7 @@ def _single_line_rows(items: list[str], shape: tuple[int, ...]) -> list[str]:
     """The texts of the `shape[0]` sub-arrays of `items` (a flat C-order tensor), each on one line."""
     if len(shape) == 1:
         return items
-    step = len(items) // shape[0]
+    step = len(items) // shape[0] if shape[0] else 0
     return ["[" + ", ".join(_single_line_rows(items[i * step:(i + 1) * step], shape[1:])) + "]"
             for i in range(shape[0])]
 
@@ -584,13 +579,7 @@ def encode_predict(outputs: dict[str, np.ndarray], fmt: str) -> bytes:
     """The predict response body in TF Serving's layout (`predictions` or `outputs`)."""
     if not outputs:
         raise invalid_argument("Cannot convert empty tensor map to JSON")
-    if fmt == ROW and len(outputs) == 1:
-        text = _one_small_output_rows(*next(iter(outputs.items())))
-        if text is not None:
-            return text
     names = sorted(outputs)
-    writer = PrettyWriter()
-    writer.start_object()
     if fmt == ROW:
         batch = -1
         for name in names:
@@ -601,30 +590,29 @@ def encode_predict(outputs: dict[str, np.ndarray], fmt: str) -> bytes:
                 raise invalid_argument(
                     f"Tensor name: {name} has inconsistent batch size: {array.shape[0]} expecting: {batch}")
             batch = array.shape[0]
-        writer.key("predictions")
-        writer.start_array()
-        as_objects = len(names) > 1
         rows = []  # per output: (name, leaf items, run writer, row shape, leaves per row)
         for name in names:
             inner = outputs[name].shape[1:]
             rows.append((name, *_leaves(outputs[name], name), inner, math.prod(inner)))
-        if not as_objects and not rows[0][3] and rows[0][2] is PrettyWriter.raw_run:
-            # One scalar per row: all the rows are one run.
+        as_objects = len(names) > 1
+        if not as_objects and rows[0][2] is PrettyWriter.raw_run:
+            return _one_output_rows(rows[0][1], outputs[names[0]].shape)
+    writer = PrettyWriter()
+    writer.start_object()
+    if fmt == ROW:
+        writer.key("predictions")
+        writer.start_array()
+        for item in range(batch):  # several outputs (an object per row), or `_bytes` ones ({"b64": ...})
+            if as_objects:
+                writer.start_object()
             writer.single_line = True
-            writer.raw_run(rows[0][1])
+            for name, items, write_run, inner, per_row in rows:
+                if as_objects:
+                    writer.key(name)
+                _write_nested(writer, items[item * per_row:(item + 1) * per_row], inner, write_run)
             writer.single_line = False
-        else:
-            for item in range(batch):
-                if as_objects:
-                    writer.start_object()
-                writer.single_line = True
-                for name, items, write_run, inner, per_row in rows:
-                    if as_objects:
-                        writer.key(name)
-                    _write_nested(writer, items[item * per_row:(item + 1) * per_row], inner, write_run)
-                writer.single_line = False
-                if as_objects:
-                    writer.end_object()
+            if as_objects:
+                writer.end_object()
         writer.end_array()
     else:
         writer.key("outputs")
