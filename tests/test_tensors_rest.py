@@ -148,7 +148,7 @@ def test_unsupported_output_dtype_is_400(kitchen):
     ("ints", [[1, 2, 3], [4, 5, 6]], b"[[2, 3, 4], [5, 6, 7]"),
     ("ints", [[[1, 2], [3, 4]], [[5, 6], [7, 8]]], b"[[[2, 3], [4, 5]], [[6, 7], [8, 9]]"),
     ("doubles", [[0.5, -3.0]], b"[[0.16666666666666666, -1.0]"),
-    ("ints", [list(range(17)), list(range(17))],  # 34 values: past the joined small-response path
+    ("ints", [list(range(17)), list(range(17))],  # 34 values in two rows
      b"[[" + ", ".join(str(i + 1) for i in range(17)).encode() + b"], ["
      + ", ".join(str(i + 1) for i in range(17)).encode() + b"]"),
 ])
