@@ -33,8 +33,18 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> No
 def pyserving(*flags: str) -> Iterator[tuple[subprocess.Popen, int, int]]:
     """Start pyserving on 127.0.0.1 with `flags`; yield (process, grpc_port, rest_port); SIGTERM at exit."""
     grpc_port, rest_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pyserving", "--host=127.0.0.1", f"--port={grpc_port}",
-                             f"--rest_api_port={rest_port}", *flags], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pyserving",
+            "--host=127.0.0.1",
+            f"--port={grpc_port}",
+            f"--rest_api_port={rest_port}",
+            *flags,
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(grpc_port, proc)
         wait_for_port(rest_port, proc)

@@ -28,39 +28,55 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+import numpy as np
+import requests
+import tensorflow as tf
+from _harness import free_port, wait_for_port
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from _harness import free_port, wait_for_port  # noqa: E402
-from pyserving.examples import export_half_plus_two  # noqa: E402
-from pyserving.runtimes.tf_saved_model import SavedModelServable, read_signature_defs, session_config  # noqa: E402
+from pyserving.runtimes.tf_saved_model import SavedModelServable, read_signature_defs, session_config
+from pyserving.tools.example import export_half_plus_two
 
 HERE = Path(__file__).resolve().parent
 VENVS = HERE / ".venvs"
-BATCHING = ("max_batch_size { value: 64 } batch_timeout_micros { value: 0 } "
-            "max_enqueued_batches { value: 64 } num_batch_threads { value: 2 }")
+BATCHING = (
+    "max_batch_size { value: 64 } batch_timeout_micros { value: 0 } "
+    "max_enqueued_batches { value: 64 } num_batch_threads { value: 2 }"
+)
 
 
 # -- models -------------------------------------------------------------------------------------------
+
 
 def export_models(work: Path) -> dict[str, Path]:
     tiny = work / "tiny"
     export_half_plus_two(str(tiny))
     layers = tf.keras.layers  # the "simple MNIST convnet" of the Keras examples (untrained weights)
-    cnn = tf.keras.Sequential([tf.keras.Input((28, 28, 1)), layers.Conv2D(32, 3, activation="relu"),
-                               layers.MaxPooling2D(), layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(),
-                               layers.Flatten(), layers.Dropout(0.5), layers.Dense(10, activation="softmax")])
+    cnn = tf.keras.Sequential(
+        [
+            tf.keras.Input((28, 28, 1)),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
     cnn.export(str(work / "cnn" / "1"), verbose=False)
     big = work / "big"
     module = tf.Module()
-    module.upload = tf.function(lambda x: {"sum": tf.reduce_sum(x)},
-                                input_signature=[tf.TensorSpec([None], tf.float32)])
+    module.upload = tf.function(
+        lambda x: {"sum": tf.reduce_sum(x)}, input_signature=[tf.TensorSpec([None], tf.float32)]
+    )
     module.download = tf.function(lambda n: {"y": tf.fill([n], 0.5)}, input_signature=[tf.TensorSpec([], tf.int32)])
     module.roundtrip = tf.function(lambda x: {"y": tf.identity(x)}, input_signature=[tf.TensorSpec([None], tf.float32)])
-    tf.saved_model.save(module, str(big / "1"), signatures={"upload": module.upload, "download": module.download,
-                                                            "roundtrip": module.roundtrip})
+    tf.saved_model.save(
+        module,
+        str(big / "1"),
+        signatures={"upload": module.upload, "download": module.download, "roundtrip": module.roundtrip},
+    )
     return {"tiny": tiny, "cnn": work / "cnn", "big": big}
 
 
@@ -74,33 +90,59 @@ def one_row(base: Path) -> tuple[str, np.ndarray]:
 
 # -- servers ------------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def serve(kind: str, model: Path, work: Path, extra_flags: tuple[str, ...] = ()):
     """Start one server for `model`; yield (rest_url_base, grpc_port or None)."""
     rest, grpc_port = free_port(), free_port()
     log = open(work / f"{kind}.log", "w")
     if kind.startswith("pyserving"):
-        flags = ["--host=127.0.0.1", f"--port={grpc_port}", f"--rest_api_port={rest}", "--model_name=m",
-                 f"--model_base_path={model}"]
+        flags = [
+            "--host=127.0.0.1",
+            f"--port={grpc_port}",
+            f"--rest_api_port={rest}",
+            "--model_name=m",
+            f"--model_base_path={model}",
+        ]
         if kind.endswith("batching"):
             (work / "batching.config").write_text(BATCHING)
             flags += ["--enable_batching", f"--batching_parameters_file={work / 'batching.config'}"]
         command = [sys.executable, "-m", "pyserving", *flags, *extra_flags]
     elif kind == "kserve":
-        command = [str(VENVS / "kserve" / "bin" / "python"), str(HERE / "peers" / "kserve_server.py"), "m",
-                   str(next(model.iterdir())), str(rest)]
+        command = [
+            str(VENVS / "kserve" / "bin" / "python"),
+            str(HERE / "peers" / "kserve_server.py"),
+            "m",
+            str(next(model.iterdir())),
+            str(rest),
+        ]
         grpc_port = None
     else:
         folder = work / "mlserver"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         shutil.copy(HERE / "peers" / "mlserver_runtime.py", folder)
-        (folder / "settings.json").write_text(json.dumps({
-            "host": "127.0.0.1", "http_port": rest, "grpc_port": free_port(), "metrics_port": free_port(),
-            "parallel_workers": 0, "debug": False}))
-        (folder / "model-settings.json").write_text(json.dumps({
-            "name": "m", "implementation": "mlserver_runtime.SavedModelRuntime",
-            "parameters": {"uri": str(next(model.iterdir()))}}))
+        (folder / "settings.json").write_text(
+            json.dumps(
+                {
+                    "host": "127.0.0.1",
+                    "http_port": rest,
+                    "grpc_port": free_port(),
+                    "metrics_port": free_port(),
+                    "parallel_workers": 0,
+                    "debug": False,
+                }
+            )
+        )
+        (folder / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": "m",
+                    "implementation": "mlserver_runtime.SavedModelRuntime",
+                    "parameters": {"uri": str(next(model.iterdir()))},
+                }
+            )
+        )
         command = [str(VENVS / "mlserver" / "bin" / "mlserver"), "start", str(folder)]
         grpc_port = None
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=work)
@@ -119,8 +161,7 @@ def serve(kind: str, model: Path, work: Path, extra_flags: tuple[str, ...] = ())
 def request_for(kind: str, alias: str, row: np.ndarray) -> tuple[str, bytes]:
     """(path, JSON body) of a batch-1 predict in the server's own protocol."""
     if kind == "mlserver":
-        body = {"inputs": [{"name": alias, "shape": list(row.shape), "datatype": "FP32",
-                            "data": row.ravel().tolist()}]}
+        body = {"inputs": [{"name": alias, "shape": list(row.shape), "datatype": "FP32", "data": row.ravel().tolist()}]}
         return "/v2/models/m/infer", json.dumps(body).encode()
     return "/v1/models/m:predict", json.dumps({"instances": row.tolist()}).encode()
 
@@ -136,6 +177,7 @@ def grpc_body(alias: str, row: np.ndarray) -> bytes:
 
 # -- load generators ----------------------------------------------------------------------------------
 
+
 def _ms(text: str) -> float:
     match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
     if match is None:
@@ -147,40 +189,70 @@ def _ms(text: str) -> float:
 def wrk(url: str, body: bytes, connections: int, seconds: float, work: Path) -> dict:
     (work / "body.json").write_bytes(body)
     script = work / "post.lua"
-    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      f'local f = io.open("{work / "body.json"}", "rb")\nwrk.body = f:read("*all")\nf:close()\n')
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f'local f = io.open("{work / "body.json"}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
     # Failed requests: non-2xx answers plus socket errors (connect, read, write, timeout).
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p50 = re.search(r"^\s+50%\s+(\S+)$", out, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)$", out, re.M)
-    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": _ms(p50.group(1)) if p50 else math.nan,
-            "p99": _ms(p99.group(1)) if p99 else math.nan, "errors": errors}
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "p50": _ms(p50.group(1)) if p50 else math.nan,
+        "p99": _ms(p99.group(1)) if p99 else math.nan,
+        "errors": errors,
+    }
 
 
 def h2load(port: int, body: bytes, connections: int, seconds: float, work: Path) -> dict:
     (work / "grpc.bin").write_bytes(body)
     log = work / "h2load.log"
     log.unlink(missing_ok=True)  # h2load appends to an existing log file
-    out = subprocess.run(["h2load", "-t1", f"-c{connections}", "-m1", f"-D{seconds:g}", "-d", str(work / "grpc.bin"),
-                          "-H", "content-type: application/grpc", "-H", "te: trailers", f"--log-file={log}",
-                          f"http://127.0.0.1:{port}/tensorflow.serving.PredictionService/Predict"],
-                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    out = subprocess.run(
+        [
+            "h2load",
+            "-t1",
+            f"-c{connections}",
+            "-m1",
+            f"-D{seconds:g}",
+            "-d",
+            str(work / "grpc.bin"),
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            f"--log-file={log}",
+            f"http://127.0.0.1:{port}/tensorflow.serving.PredictionService/Predict",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
     durations = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.strip())
     status = re.search(r"status codes: (\d+) 2xx", out)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
     if not durations:  # nothing completed (a stalled server): report it instead of stopping the run
         durations = [math.nan]
-    return {"rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
-            "p50": durations[len(durations) // 2], "p99": durations[int(len(durations) * 0.99)],
-            "errors": int(done.group(1)) - int(done.group(2)) if done else (0 if status else -1)}
+    return {
+        "rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
+        "p50": durations[len(durations) // 2],
+        "p99": durations[int(len(durations) * 0.99)],
+        "errors": int(done.group(1)) - int(done.group(2)) if done else (0 if status else -1),
+    }
 
 
 def _check_grpc(port: int, alias: str, row: np.ndarray) -> None:
     import grpc
+
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         request = predict_pb2.PredictRequest.FromString(grpc_body(alias, row)[5:])
         prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
@@ -192,6 +264,7 @@ def median_point(runs: list[dict]) -> dict:
 
 # -- the in-process floor and big tensors -------------------------------------------------------------
 
+
 def floor(model: Path, seconds: float, repeats: int) -> dict:
     """The signature called directly, one thread, batch 1: the best any server could do per call.
 
@@ -201,17 +274,23 @@ def floor(model: Path, seconds: float, repeats: int) -> dict:
     signature = servable.signature_defs["serving_default"]
     alias, row = one_row(model)
     outputs = sorted(signature.outputs)
-    servable.run(signature, {alias: row}, outputs, 0)
+    servable.run("serving_default", {alias: row}, outputs, 0)
     runs = []
     for _ in range(repeats):
         samples, end = [], time.monotonic() + seconds
         while time.monotonic() < end:
             start = time.perf_counter()
-            servable.run(signature, {alias: row}, outputs, 0)
+            servable.run("serving_default", {alias: row}, outputs, 0)
             samples.append((time.perf_counter() - start) * 1e3)
         samples.sort()
-        runs.append({"rps": len(samples) / seconds, "p50": samples[len(samples) // 2],
-                     "p99": samples[int(len(samples) * .99)], "errors": 0})
+        runs.append(
+            {
+                "rps": len(samples) / seconds,
+                "p50": samples[len(samples) // 2],
+                "p99": samples[int(len(samples) * 0.99)],
+                "errors": 0,
+            }
+        )
     servable.close()
     return median_point(runs)
 
@@ -224,6 +303,7 @@ def big_tensors(model: Path, work: Path, repeats: int) -> list[tuple[str, float,
     Each row: (direction, tensor MiB/s, bytes on the wire per second: request and response bodies)."""
     n = 262144
     import grpc
+
     x = np.random.default_rng(0).random(n, dtype=np.float32)
     upload = json.dumps({"signature_name": "upload", "inputs": {"x": x.tolist()}})
     download = json.dumps({"signature_name": "download", "inputs": {"n": n}})
@@ -238,18 +318,18 @@ def big_tensors(model: Path, work: Path, repeats: int) -> list[tuple[str, float,
     for flags in (("--enable_serialization_as_tensor_content=true",), ()):
         with serve("pyserving", model, work, flags) as (url, grpc_port):
             session = requests.Session()
-            channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}",
-                                            options=[("grpc.max_receive_message_length", -1)])
+            channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_receive_message_length", -1)])
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
-            def rest(body: str):  # the bytes only: parsing the answer would time the client's JSON decoder
-                def call() -> int:
+            def rest(body: str, session=session, url=url):  # bytes only: parsing would time the client's decoder
+                def post_body() -> int:
                     response = session.post(url + "/v1/models/m:predict", data=body)
                     response.raise_for_status()
                     return len(body) + len(response.content)
-                return call
 
-            def grpc_call(request: predict_pb2.PredictRequest):
+                return post_body
+
+            def grpc_call(request: predict_pb2.PredictRequest, stub=stub):
                 return lambda: request.ByteSize() + stub.Predict(request, timeout=60).ByteSize()
 
             if flags:
@@ -278,6 +358,7 @@ def big_tensors(model: Path, work: Path, repeats: int) -> list[tuple[str, float,
 
 # -- the run ------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 and 64 connections, short points")
@@ -293,8 +374,14 @@ def main() -> None:
         connections = tuple(int(c) for c in args.connections.split(","))
     work = Path(tempfile.mkdtemp(prefix="pyserving-bench-"))
     models = export_models(work)
-    servers = ["pyserving REST", "pyserving REST batching", "pyserving gRPC", "pyserving gRPC batching", "kserve",
-               "mlserver"]
+    servers = [
+        "pyserving REST",
+        "pyserving REST batching",
+        "pyserving gRPC",
+        "pyserving gRPC batching",
+        "kserve",
+        "mlserver",
+    ]
     table: dict[tuple[str, str, int], dict] = {}
     if args.servers:
         servers = [s for s in servers if s in args.servers.split(",")]
@@ -333,25 +420,40 @@ def main() -> None:
 
 
 def render(table, big, seconds, repeats) -> str:
-    lines = [f"# pyserving vs KServe vs MLServer ({datetime.datetime.now():%Y-%m-%d %H:%M})", "",
-             f"{os.cpu_count()} CPUs, 127.0.0.1, wrk/h2load with 1 thread, {seconds} s per point, median of "
-             f"{repeats}; batch-1 requests. Ratios are against KServe at the same point.", ""]
+    lines = [
+        f"# pyserving vs KServe vs MLServer ({datetime.datetime.now():%Y-%m-%d %H:%M})",
+        "",
+        f"{os.cpu_count()} CPUs, 127.0.0.1, wrk/h2load with 1 thread, {seconds} s per point, median of "
+        f"{repeats}; batch-1 requests. Ratios are against KServe at the same point.",
+        "",
+    ]
     for model in sorted({key[0] for key in table}, key=lambda m: m != "tiny"):
-        lines += [f"## {model}", "", "| server | connections | req/s | p50 ms | p99 ms | errors | x KServe req/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {model}",
+            "",
+            "| server | connections | req/s | p50 ms | p99 ms | errors | x KServe req/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for (name, server, conns), point in table.items():
             if name != model:
                 continue
             kserve = table.get((model, "kserve", conns))
             ratio = f"{point['rps'] / kserve['rps']:.2f}" if kserve and server != "kserve" else ""
-            lines.append(f"| {server} | {conns} | {point['rps']:.0f} | {point['p50']:.2f} | {point['p99']:.2f} | "
-                         f"{point['errors']:.0f} | {ratio} |")
+            lines.append(
+                f"| {server} | {conns} | {point['rps']:.0f} | {point['p50']:.2f} | {point['p99']:.2f} | "
+                f"{point['errors']:.0f} | {ratio} |"
+            )
         lines.append("")
     if big:
-        lines += ["## 1 MiB float32 tensor (pyserving)", "",
-                  "MB/s of tensor: 1 MiB per request latency. On the wire: request and response bodies (JSON text "
-                  "or protobuf) per second.", "",
-                  "| direction | MB/s of tensor | MB/s on the wire |", "|---|---|---|"]
+        lines += [
+            "## 1 MiB float32 tensor (pyserving)",
+            "",
+            "MB/s of tensor: 1 MiB per request latency. On the wire: request and response bodies (JSON text "
+            "or protobuf) per second.",
+            "",
+            "| direction | MB/s of tensor | MB/s on the wire |",
+            "|---|---|---|",
+        ]
         lines += [f"| {name} | {rate:.0f} | {wire:.0f} |" for name, rate, wire in big]
         lines.append("")
     return "\n".join(lines)

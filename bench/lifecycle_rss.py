@@ -17,15 +17,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import grpc  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from google.protobuf import text_format  # noqa: E402
-from tensorflow_serving.apis import (  # noqa: E402
-    get_model_status_pb2, model_management_pb2, model_service_pb2_grpc,
+import grpc
+import tensorflow as tf
+from _harness import pyserving
+from google.protobuf import text_format
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
 )
 
-from _harness import pyserving  # noqa: E402
-from pyserving.examples import export_half_plus_two  # noqa: E402
+from pyserving.tools.example import export_half_plus_two
 
 _BIG_FLOATS = 16 * 1024 * 1024  # 64 MiB of float32
 
@@ -48,8 +50,10 @@ def _rss_mib(pid: int) -> float:
 
 
 def _config(**models: str) -> model_management_pb2.ReloadConfigRequest:
-    text = "".join(f'config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }} '
-                   for name, path in models.items())
+    text = "".join(
+        f'config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }} '
+        for name, path in models.items()
+    )
     request = model_management_pb2.ReloadConfigRequest()
     text_format.Parse(f"model_config_list {{ {text} }}", request.config)
     return request
@@ -62,8 +66,9 @@ def main(cycles: int) -> None:
     module = _Big()
     tf.saved_model.save(module, os.path.join(big, "1"), signatures=module.__call__)
     with open(os.path.join(work, "models.config"), "w") as handle:
-        handle.write(f'model_config_list {{ config {{ name: "small" base_path: "{small}" '
-                     'model_platform: "tensorflow" } }')
+        handle.write(
+            f'model_config_list {{ config {{ name: "small" base_path: "{small}" model_platform: "tensorflow" }} }}'
+        )
     with pyserving(f"--model_config_file={work}/models.config") as (proc, grpc_port, _):
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         models = model_service_pb2_grpc.ModelServiceStub(channel)
@@ -83,8 +88,9 @@ def main(cycles: int) -> None:
         channel.close()
     print(f"RSS before the first load: {baseline:.0f} MiB (model variable: {_BIG_FLOATS * 4 / 2**20:.0f} MiB)")
     print(f"RSS while loaded: first {loaded[0]:.0f}, last {loaded[-1]:.0f} MiB")
-    print(f"RSS after unload: first {after[0]:.0f}, last {after[-1]:.0f}, max {max(after):.0f} MiB "
-          f"over {cycles} cycles")
+    print(
+        f"RSS after unload: first {after[0]:.0f}, last {after[-1]:.0f}, max {max(after):.0f} MiB over {cycles} cycles"
+    )
     print(f"reload-to-AVAILABLE: median {statistics.median(load_s):.2f} s")
 
 

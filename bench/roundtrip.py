@@ -15,14 +15,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-from tensorflow.core.framework import tensor_pb2, types_pb2  # noqa: E402
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+import grpc
+import numpy as np
+import requests
+from _harness import pyserving
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from _harness import pyserving  # noqa: E402
-from pyserving.examples import export_half_plus_two  # noqa: E402
+from pyserving.tools.example import export_half_plus_two
 
 
 def _time(fn, n: int) -> float:
@@ -46,9 +46,13 @@ def main(n: int) -> None:
         rest_ms = _time(lambda: session.post(url, data=body).raise_for_status(), n)
         request = predict_pb2.PredictRequest()
         request.model_spec.name = "half_plus_two"
-        request.inputs["x"].CopyFrom(tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_FLOAT, tensor_content=np.array([[1.0], [2.0], [5.0]], np.float32).tobytes(),
-            tensor_shape={"dim": [{"size": 3}, {"size": 1}]}))
+        request.inputs["x"].CopyFrom(
+            tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_FLOAT,
+                tensor_content=np.array([[1.0], [2.0], [5.0]], np.float32).tobytes(),
+                tensor_shape={"dim": [{"size": 3}, {"size": 1}]},
+            )
+        )
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             grpc_ms = _time(lambda: stub.Predict(request, timeout=10), n)

@@ -3,7 +3,7 @@
 Every input is parsed as a REST body and decoded against a set of signatures
 (float, string, int64, bool, two inputs) and as classify/regress `examples`.
 `ServingError` is the expected answer to bad input; anything else is a bug, and so is
-any difference between the numeric fast path (`json_numeric`) and the general parser.
+any difference between the numeric fast path (`json.numeric`) and the general parser.
 
   Short run (CI does this):  python fuzz/fuzz_decoders.py -runs=20000 CORPUS_COPY
   Long run:                  python fuzz/fuzz_decoders.py -max_total_time=3600 -jobs=2 CORPUS_COPY
@@ -14,13 +14,13 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import atheris  # noqa: E402
-from tensorflow.core.framework import types_pb2  # noqa: E402  (TensorFlow loads here, uninstrumented)
-from tensorflow.core.protobuf import meta_graph_pb2  # noqa: E402
+import atheris
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
 
 with atheris.instrument_imports(include=["pyserving"]):
-    from pyserving import json_codec, json_examples, json_numeric
     from pyserving.errors import ServingError
+    from pyserving.protocols.tfs.json import document, examples, numeric, predict_request
 
 
 def _signature(**inputs: int) -> meta_graph_pb2.SignatureDef:
@@ -32,8 +32,11 @@ def _signature(**inputs: int) -> meta_graph_pb2.SignatureDef:
 
 
 SIGNATURES = [
-    _signature(x=types_pb2.DT_FLOAT), _signature(x=types_pb2.DT_STRING), _signature(x=types_pb2.DT_INT64),
-    _signature(x=types_pb2.DT_BOOL), _signature(a=types_pb2.DT_FLOAT, b=types_pb2.DT_INT32),
+    _signature(x=types_pb2.DT_FLOAT),
+    _signature(x=types_pb2.DT_STRING),
+    _signature(x=types_pb2.DT_INT64),
+    _signature(x=types_pb2.DT_BOOL),
+    _signature(a=types_pb2.DT_FLOAT, b=types_pb2.DT_INT32),
     _signature(x=types_pb2.DT_HALF),
 ]
 
@@ -42,31 +45,32 @@ def _predict_outcome(parse, data: bytes, signature: meta_graph_pb2.SignatureDef)
     """Tensors (dtype, shape, contents) and format, or the error message."""
     try:
         doc = parse(data)
-        inputs = json_codec.decode_predict(doc, signature, json_codec.signature_name(doc), data)
+        inputs = predict_request.decode_predict(doc, signature, document.signature_name(doc), data)
     except ServingError as exc:
         return exc.message
-    return inputs.format, {name: (a.dtype, a.shape, a.tolist() if a.dtype == object else a.tobytes())
-                           for name, a in inputs.tensors.items()}
+    return inputs.format, {
+        name: (a.dtype, a.shape, a.tolist() if a.dtype == object else a.tobytes()) for name, a in inputs.tensors.items()
+    }
 
 
 def _numeric_first(data: bytes) -> dict:
-    """`json_codec.parse_predict` whatever the body's size (it skips json_numeric for small ones)."""
-    return json_numeric.parse(data) or json_codec.parse_object(data)
+    """`predict_request.parse_predict` whatever the body's size (it skips `numeric` for small ones)."""
+    return numeric.parse(data) or document.parse_object(data)
 
 
 def test_one_input(data: bytes) -> None:
     # The fast path for numeric arrays must give exactly what the general path gives.
     for signature in SIGNATURES:
-        general = _predict_outcome(json_codec.parse_object, data, signature)
+        general = _predict_outcome(document.parse_object, data, signature)
         fast = _predict_outcome(_numeric_first, data, signature)
         if fast != general:
-            raise AssertionError(f"json_numeric differs on {data!r}: {fast!r} != {general!r}")
+            raise AssertionError(f"numeric differs on {data!r}: {fast!r} != {general!r}")
     try:
-        doc = json_codec.parse_object(data)
+        doc = document.parse_object(data)
     except ServingError:
         return
     try:
-        json_examples.decode_input(doc)
+        examples.decode_input(doc)
     except ServingError:
         pass
 

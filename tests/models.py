@@ -6,24 +6,34 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
 
 class _Kitchen(tf.Module):
     """Signatures covering several inputs/outputs and every JSON-encodable dtype."""
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="a"),
-                                  tf.TensorSpec([None], tf.float32, name="b")])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.float32, name="a"), tf.TensorSpec([None], tf.float32, name="b")]
+    )
     def two(self, a, b):
         return {"sum": a + b, "product": a * b}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text"),
-                                  tf.TensorSpec([None], tf.int64, name="count"),
-                                  tf.TensorSpec([None], tf.bool, name="flag")])
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.string, name="text"),
+            tf.TensorSpec([None], tf.int64, name="count"),
+            tf.TensorSpec([None], tf.bool, name="flag"),
+        ]
+    )
     def types(self, text, count, flag):
-        return {"text_bytes": text, "text": text, "count": count * 2, "flag": tf.logical_not(flag),
-                "length": tf.strings.length(text)}
+        return {
+            "text_bytes": text,
+            "text": text,
+            "count": count * 2,
+            "flag": tf.logical_not(flag),
+            "length": tf.strings.length(text),
+        }
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="x")])
     def floats(self, x):
@@ -40,7 +50,6 @@ class _Kitchen(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="x")])
     def half(self, x):
         return {"y": tf.cast(x, tf.float16)}
-
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="n")])
     def slow(self, n):
@@ -75,8 +84,13 @@ def export_color_classifier(base: Path) -> Path:
     labels = rng.integers(0, 3, 600)
     images = rng.uniform(0, 0.3, (600, 8, 8, 3)).astype(np.float32)
     images[np.arange(600), :, :, labels] += 0.7
-    model = tf.keras.Sequential([tf.keras.Input((8, 8, 3)), tf.keras.layers.GlobalAveragePooling2D(),
-                                 tf.keras.layers.Dense(3, activation="softmax")])
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((8, 8, 3)),
+            tf.keras.layers.GlobalAveragePooling2D(),
+            tf.keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
     model.compile(tf.keras.optimizers.Adam(0.1), "sparse_categorical_crossentropy")
     model.fit(images, labels, epochs=40, verbose=0)
     names = tf.constant(COLORS)
@@ -84,8 +98,11 @@ def export_color_classifier(base: Path) -> Path:
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
     def classify(serialized):
         jpegs = tf.io.parse_example(serialized, {"image": tf.io.FixedLenFeature([], tf.string)})["image"]
-        pixels = tf.map_fn(lambda jpeg: tf.image.resize(tf.image.decode_jpeg(jpeg, channels=3), [8, 8]) / 255.0,
-                           jpegs, fn_output_signature=tf.float32)
+        pixels = tf.map_fn(
+            lambda jpeg: tf.image.resize(tf.image.decode_jpeg(jpeg, channels=3), [8, 8]) / 255.0,
+            jpegs,
+            fn_output_signature=tf.float32,
+        )
         scores = model(pixels)
         return {"classes": tf.tile(names[None], [tf.shape(scores)[0], 1]), "scores": scores}
 
@@ -112,6 +129,7 @@ def export_wrapped_keras(base: Path) -> Path:
 
 def export_busy_doubler(base: Path, iterations: int) -> Path:
     """x [batch] float -> 2x, after `iterations` steps of busy work per call (not per row): a batchable slow model."""
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
     def double(x):
         spin = tf.while_loop(lambda i: i < iterations, lambda i: i + 1, [tf.constant(0, tf.int64)])[0]

@@ -5,11 +5,10 @@ Started by bench/compare.py in KServe's own virtualenv: python kserve_server.py 
 
 import sys
 
+import kserve
 import numpy as np
 import tensorflow as tf
 import uvicorn
-
-import kserve
 
 # KServe binds 0.0.0.0 and has no host option; a benchmark must stay on loopback.
 _config_init = uvicorn.Config.__init__

@@ -1,3 +1,5 @@
-from pyserving.cli import main
 import sys
+
+from pyserving.cli import main
+
 sys.exit(main())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+__all__ = ["INLINE_BYTES", "run_sized", "run_sync", "worker_pool"]
 
 T = TypeVar("T")
 
@@ -21,13 +23,13 @@ def worker_pool(threads: int, name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix=name)
 
 
-async def run_sync(pool: ThreadPoolExecutor, fn: Callable[..., T], *args) -> T:
+async def run_sync(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` on `pool` and await its result without blocking the loop."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(pool, fn, *args)
 
 
-async def run_sized(pool: ThreadPoolExecutor, size: int, fn: Callable[..., T], *args) -> T:
+async def run_sized(pool: Executor, size: int, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` inline when its input is at most `INLINE_BYTES` (`size`), else on `pool`.
 
     Only for CPU work that grows with `size` (codecs); TensorFlow calls always use `run_sync`.
@@ -35,4 +37,3 @@ async def run_sized(pool: ThreadPoolExecutor, size: int, fn: Callable[..., T], *
     if size <= INLINE_BYTES:
         return fn(*args)
     return await run_sync(pool, fn, *args)
-

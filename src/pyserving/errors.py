@@ -1,9 +1,10 @@
-"""The one exception type of the serving core and its mapping to HTTP and gRPC.
+"""pyserving's exception tree, and the mapping of serving errors to HTTP and gRPC.
 
-Every failure that reaches a client is a `ServingError` carrying a canonical
-status code (the absl/gRPC code space TF Serving uses) and TF Serving's message.
-Front-ends translate it exactly once: REST via `http_status`, gRPC via
-`grpc_code`.
+Every exception pyserving raises on purpose is a `PyservingError`. Every failure
+that reaches a client (or aborts start-up) is a `ServingError` carrying a
+canonical status code (the absl/gRPC code space TF Serving uses) and TF
+Serving's message; protocols translate it exactly once: REST via
+`http_status`, gRPC via `grpc_code`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import enum
 
 import grpc
+
+__all__ = ["Code", "PyservingError", "ServingError", "from_tf_error", "invalid_argument", "not_found"]
 
 
 class Code(enum.IntEnum):
@@ -55,7 +58,11 @@ _HTTP_STATUS = {
 _GRPC_MESSAGE_LIMIT = 1024
 
 
-class ServingError(Exception):
+class PyservingError(Exception):
+    """Base of every exception pyserving raises on purpose (usage, tool and serving errors)."""
+
+
+class ServingError(PyservingError):
     """A request or load failure with a canonical code and a client-facing message."""
 
     def __init__(self, code: Code, message: str) -> None:
@@ -96,7 +103,9 @@ def from_tf_error(exc: Exception) -> ServingError:
         return exc
     code = getattr(exc, "error_code", None)
     message = getattr(exc, "message", None) or str(exc)
-    try:
-        return ServingError(Code(code), message)
-    except ValueError:
-        return ServingError(Code.UNKNOWN, message)
+    if isinstance(code, int):
+        try:
+            return ServingError(Code(code), message)
+        except ValueError:  # not a canonical code
+            pass
+    return ServingError(Code.UNKNOWN, message)

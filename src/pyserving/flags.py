@@ -14,13 +14,18 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from pyserving.errors import Code, PyservingError, ServingError
+
+__all__ = ["Options", "ParseResult", "UsageError", "exit_with_usage", "parse", "usage"]
 
 INT32 = "int32"
 INT64 = "int64"
 _CPUS = os.cpu_count() or 1
 
 
-def _flag(default, kind: str, help: str, *, pending: str = ""):
+def _flag(default: Any, kind: str, help: str, *, pending: str = "") -> Any:
     """A flag field. `pending` says why a flag that is accepted is not honoured (or which issue will)."""
     return field(default=default, metadata={"kind": kind, "help": help, "pending": pending})
 
@@ -30,8 +35,9 @@ class Options:
     # Ports and transport
     port: int = _flag(8500, INT32, "Port to listen on for gRPC API (0 = no TCP gRPC listener)")
     grpc_socket_path: str = _flag("", "string", "If non-empty, also listen for gRPC on this UNIX socket path")
-    rest_api_port: int = _flag(0, INT32,
-                               "Port to listen on for HTTP/REST API; 0 disables REST. Must differ from --port")
+    rest_api_port: int = _flag(
+        0, INT32, "Port to listen on for HTTP/REST API; 0 disables REST. Must differ from --port"
+    )
     rest_api_num_threads: int = _flag(4 * _CPUS, INT32, "Number of threads for HTTP/REST API processing")
     rest_api_timeout_in_ms: int = _flag(30000, INT32, "Timeout for HTTP/REST API inference calls (ms)")
     rest_api_enable_cors_support: bool = _flag(False, "bool", "Enable CORS headers in REST API responses")
@@ -42,45 +48,59 @@ class Options:
     model_name: str = _flag("default", "string", "Name of model (ignored if --model_config_file is set)")
     model_base_path: str = _flag("", "string", "Path to export (ignored if --model_config_file is set)")
     saved_model_tags: str = _flag("serve", "string", "Comma-separated set of tags of the MetaGraphDef to load")
-    prefer_tflite_model: bool = _flag(False, "bool", "EXPERIMENTAL: prefer model.tflite over saved_model.pb",
-                                      pending="not planned (TFLite runtime)")
-    num_tflite_pools: int = _flag(_CPUS, INT32, "EXPERIMENTAL: TFLite interpreter pools per session",
-                                  pending="not planned (TFLite runtime)")
-    num_tflite_interpreters_per_pool: int = _flag(1, INT32, "EXPERIMENTAL: TFLite interpreters per pool",
-                                                  pending="not planned (TFLite runtime)")
+    prefer_tflite_model: bool = _flag(
+        False, "bool", "EXPERIMENTAL: prefer model.tflite over saved_model.pb", pending="not planned (TFLite runtime)"
+    )
+    num_tflite_pools: int = _flag(
+        _CPUS, INT32, "EXPERIMENTAL: TFLite interpreter pools per session", pending="not planned (TFLite runtime)"
+    )
+    num_tflite_interpreters_per_pool: int = _flag(
+        1, INT32, "EXPERIMENTAL: TFLite interpreters per pool", pending="not planned (TFLite runtime)"
+    )
     enable_signature_method_name_check: bool = _flag(
-        False, "bool", "Require predict/classify/regress APIs to match the signature's method_name")
+        False, "bool", "Require predict/classify/regress APIs to match the signature's method_name"
+    )
     # Config files and polling
-    model_config_file: str = _flag("", "string",
-                                   "Text-format ModelServerConfig; overrides --model_name/--model_base_path")
+    model_config_file: str = _flag(
+        "", "string", "Text-format ModelServerConfig; overrides --model_name/--model_base_path"
+    )
     model_config_file_poll_wait_seconds: int = _flag(0, INT32, "Re-read --model_config_file every N seconds (0 = once)")
     file_system_poll_wait_seconds: int = _flag(1, INT32, "Seconds between polls of the base path for new versions")
     platform_config_file: str = _flag("", "string", "Text-format PlatformConfigMap", pending="not planned")
     allow_version_labels_for_unavailable_models: bool = _flag(
-        False, "bool", "Allow assigning a new label to a version that is not yet available")
-    tensorflow_session_config_file: str = _flag("", "string", "Text-format TF ConfigProto for sessions",
-                                                pending="not planned")
-    thread_pool_factory_config_file: str = _flag("", "string", "Text-format ThreadPoolFactoryConfig",
-                                                 pending="not planned")
+        False, "bool", "Allow assigning a new label to a version that is not yet available"
+    )
+    tensorflow_session_config_file: str = _flag(
+        "", "string", "Text-format TF ConfigProto for sessions", pending="not planned"
+    )
+    thread_pool_factory_config_file: str = _flag(
+        "", "string", "Text-format ThreadPoolFactoryConfig", pending="not planned"
+    )
     # Loading and unloading
     num_load_threads: int = _flag(0, INT32, "Threads for loading versions after the initial load (0 = serial)")
     num_unload_threads: int = _flag(0, INT32, "Threads for unloading versions (0 = serial)")
     max_num_load_retries: int = _flag(5, INT32, "Retries after a failed load (0 = one attempt)")
     load_retry_interval_micros: int = _flag(60_000_000, INT64, "Wait between load retries in microseconds")
-    flush_filesystem_caches: bool = _flag(True, "bool", "Flush filesystem caches after loads",
-                                          pending="not applicable (no TF filesystem cache to flush)")
+    flush_filesystem_caches: bool = _flag(
+        True, "bool", "Flush filesystem caches after loads", pending="not applicable (no TF filesystem cache to flush)"
+    )
     remove_unused_fields_from_bundle_metagraph: bool = _flag(
-        True, "bool", "Strip unneeded MetaGraphDef fields after load",
-        pending="not applicable (pyserving keeps only the signatures)")
+        True,
+        "bool",
+        "Strip unneeded MetaGraphDef fields after load",
+        pending="not applicable (pyserving keeps only the signatures)",
+    )
     # Batching
     enable_batching: bool = _flag(False, "bool", "Batch concurrent requests")
     batching_parameters_file: str = _flag("", "string", "Text-format BatchingParameters")
     enable_per_model_batching_parameters: bool = _flag(
-        False, "bool", "Read batching_params.pbtxt from each version folder")
+        False, "bool", "Read batching_params.pbtxt from each version folder"
+    )
     # Monitoring and profiling
     monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig")
-    enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service",
-                                  pending="not planned (no TF profiler service)")
+    enable_profiler: bool = _flag(
+        True, "bool", "Enable the TensorFlow profiler service", pending="not planned (no TF profiler service)"
+    )
     # Security
     ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS")
     use_alts_credentials: bool = _flag(False, "bool", "Use Google ALTS credentials", pending="not planned")
@@ -88,16 +108,20 @@ class Options:
     tensorflow_session_parallelism: int = _flag(0, INT64, "Threads for TF sessions (0 = auto); sets intra and inter")
     tensorflow_intra_op_parallelism: int = _flag(0, INT64, "TF intra-op threads (0 = auto)")
     tensorflow_inter_op_parallelism: int = _flag(
-        0, INT64, "TF inter-op threads (0 = auto: pyserving runs graphs without loops on the calling thread)")
-    per_process_gpu_memory_fraction: float = _flag(0.0, "float", "GPU memory fraction",
-                                                   pending="not planned (CPU build)")
+        0, INT64, "TF inter-op threads (0 = auto: pyserving runs graphs without loops on the calling thread)"
+    )
+    per_process_gpu_memory_fraction: float = _flag(
+        0.0, "float", "GPU memory fraction", pending="not planned (CPU build)"
+    )
     xla_cpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:CPU JIT", pending="not planned")
     xla_gpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:GPU JIT", pending="not planned")
     mixed_precision: str = _flag("", "string", "Automatic mixed precision, e.g. bfloat16", pending="not planned")
     enable_serialization_as_tensor_content: bool = _flag(
-        False, "bool", "gRPC Predict responses use tensor_content instead of *_val fields")
-    skip_initialize_tpu: bool = _flag(False, "bool", "Whether to skip auto initializing TPU",
-                                      pending="not applicable (TPU builds only)")
+        False, "bool", "gRPC Predict responses use tensor_content instead of *_val fields"
+    )
+    skip_initialize_tpu: bool = _flag(
+        False, "bool", "Whether to skip auto initializing TPU", pending="not applicable (TPU builds only)"
+    )
     # Warmup and misc
     enable_model_warmup: bool = _flag(True, "bool", "Replay assets.extra/tf_serving_warmup_requests at load")
     num_request_iterations_for_warmup: int = _flag(0, INT32, "Replays per warmup record (0 = 1)")
@@ -105,13 +129,17 @@ class Options:
     # pyserving extensions
     host: str = _flag("0.0.0.0", "string", "pyserving: address the gRPC and REST listeners bind to")
     shutdown_grace_period_seconds: int = _flag(
-        30, INT32, "pyserving: on SIGTERM/SIGINT, how long in-flight requests may take before the server exits")
-    rest_api_max_body_bytes: int = _flag(64 * 1024 * 1024, INT64,
-                                         "pyserving: largest REST request body accepted (413 beyond it)")
+        30, INT32, "pyserving: on SIGTERM/SIGINT, how long in-flight requests may take before the server exits"
+    )
+    rest_api_max_body_bytes: int = _flag(
+        64 * 1024 * 1024, INT64, "pyserving: largest REST request body accepted (413 beyond it)"
+    )
     rest_api_read_timeout_seconds: int = _flag(
-        30, INT32, "pyserving: time a REST client has to send a whole request before it is disconnected")
-    rest_api_enable_ssl: bool = _flag(False, "bool",
-                                      "pyserving: serve REST over TLS with the --ssl_config_file certificates")
+        30, INT32, "pyserving: time a REST client has to send a whole request before it is disconnected"
+    )
+    rest_api_enable_ssl: bool = _flag(
+        False, "bool", "pyserving: serve REST over TLS with the --ssl_config_file certificates"
+    )
 
     def saved_model_tag_list(self) -> list[str]:
         return [t for t in self.saved_model_tags.split(",") if t]
@@ -122,13 +150,49 @@ class Options:
         inter = self.tensorflow_inter_op_parallelism or self.tensorflow_session_parallelism
         return intra, inter
 
+    def validate(self) -> None:
+        """TF Serving's start-up checks on flag combinations; `ServingError` (start-up fails) otherwise."""
+        if not self.model_base_path and not self.model_config_file:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                "Both server_options.model_base_path and server_options.model_config_file are empty!",
+            )
+        if self.port == 0 and not self.grpc_socket_path:
+            raise ServingError(Code.INVALID_ARGUMENT, "server_options.grpc_port is not set.")
+        if self.use_alts_credentials and self.ssl_config_file:
+            raise ServingError(
+                Code.INVALID_ARGUMENT, "Either use_alts_credentials must be false or ssl_config_file must be empty."
+            )
+        if self.batching_parameters_file and not self.enable_batching:
+            raise ServingError(
+                Code.FAILED_PRECONDITION,
+                "server_options.batching_parameters_file is set without "
+                "setting server_options.enable_batching to true.",
+            )
+        if (
+            self.tensorflow_session_parallelism > 0
+            and self.tensorflow_intra_op_parallelism > 0
+            and self.tensorflow_inter_op_parallelism > 0
+        ):
+            raise ServingError(
+                Code.FAILED_PRECONDITION,
+                "Either configure server_options.tensorflow_session_parallelism or "
+                "(server_options.tensorflow_intra_op_parallelism, server_options.tensorflow_inter_op_parallelism) "
+                "separately. You cannot configure all.",
+            )
+        if self.rest_api_enable_ssl and not self.ssl_config_file:
+            raise ServingError(Code.INVALID_ARGUMENT, "--rest_api_enable_ssl needs --ssl_config_file")
+
     def pending_flags(self, given: set[str]) -> list[tuple[str, str]]:
         """Flags on the command line that this build accepts but does not honour, with the reason."""
-        return [(f.name, f.metadata["pending"]) for f in dataclasses.fields(self)
-                if f.metadata["pending"] and f.name in given]
+        return [
+            (f.name, f.metadata["pending"])
+            for f in dataclasses.fields(self)
+            if f.metadata["pending"] and f.name in given
+        ]
 
 
-class UsageError(Exception):
+class UsageError(PyservingError):
     """A bad flag value or --help: print the usage and exit 255."""
 
 
@@ -142,7 +206,7 @@ class ParseResult:
 _INT_RANGES = {INT32: (-(2**31), 2**31 - 1), INT64: (-(2**63), 2**63 - 1)}
 
 
-def _convert(kind: str, name: str, text: str):
+def _convert(kind: str, name: str, text: str) -> Any:
     if kind == "string":
         return text
     if kind == "bool":
@@ -199,7 +263,7 @@ def usage(program: str = "tensorflow_model_server") -> str:
     return "\n".join(lines) + "\n"
 
 
-def exit_with_usage(message: str = "") -> None:
+def exit_with_usage(message: str = "") -> NoReturn:
     if message:
         print(message, file=sys.stderr)
     sys.stdout.write(usage())

@@ -12,9 +12,11 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_PATH = "/monitoring/prometheus/metrics"
@@ -38,7 +40,7 @@ class _Counter:
         metric = Metric(self.name, self._help, "unknown")
         with self._lock:
             for values, total in self._values.items():
-                metric.add_sample(self.name, dict(zip(self._labels, values)), total)
+                metric.add_sample(self.name, dict(zip(self._labels, values, strict=True)), total)
         return metric
 
 
@@ -62,7 +64,7 @@ class _Histogram:
         with self._lock:
             for values, series in self._series.items():
                 cumulative, buckets = 0, []
-                for bound, count in zip([f"{b:.6g}" for b in self._bounds] + ["+Inf"], series[:-1]):
+                for bound, count in zip([f"{b:.6g}" for b in self._bounds] + ["+Inf"], series[:-1], strict=True):
                     cumulative += count
                     buckets.append((bound, cumulative))
                 family.add_metric(list(values), buckets, series[-1])
@@ -71,51 +73,98 @@ class _Histogram:
 
 _LATENCY_US = _exponential(10, 1.8, 33)
 
-REQUEST_COUNT = _Counter(":tensorflow:serving:request_count", "The total number of requests.",
-                         ("model_name", "status"))
-REQUEST_LATENCY = _Histogram(":tensorflow:serving:request_latency",
-                             "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
-                             ("model_name", "API", "entrypoint"), _LATENCY_US)
-RUNTIME_LATENCY = _Histogram(":tensorflow:serving:runtime_latency",
-                             "Distribution of wall time (in microseconds) for Tensorflow Serving runtime.",
-                             ("model_name", "API", "runtime"), _LATENCY_US)
-REQUEST_EXAMPLE_COUNTS = _Histogram(":tensorflow:serving:request_example_counts",
-                                    "The number of tensorflow.Examples per request.", ("model",),
-                                    _exponential(1, 2, 15))
-REQUEST_EXAMPLE_COUNT_TOTAL = _Counter(":tensorflow:serving:request_example_count_total",
-                                       "The total number of tensorflow.Examples.", ("model",))
-MODEL_WARMUP_LATENCY = _Histogram(":tensorflow:serving:model_warmup_latency",
-                                  "Distribution of wall time (in microseconds) for warming up the model.",
-                                  ("model_path", "status"), _LATENCY_US)
-MODEL_WARMUP_RECORDS_READ = _Counter(":tensorflow:serving:model_warmup_records_read",
-                                     "The number of warmup records read.", ("model_path", "status"))
-LOAD_ATTEMPT_COUNT = _Counter(":tensorflow:cc:saved_model:load_attempt_count",
-                              "The number of times a SavedModel was successfully loaded.", ("model_path", "status"))
-LOAD_LATENCY = _Counter(":tensorflow:cc:saved_model:load_latency",
-                        "Latency in microseconds for SavedModels that were successfully loaded.", ("model_path",))
+REQUEST_COUNT = _Counter(":tensorflow:serving:request_count", "The total number of requests.", ("model_name", "status"))
+REQUEST_LATENCY = _Histogram(
+    ":tensorflow:serving:request_latency",
+    "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+    ("model_name", "API", "entrypoint"),
+    _LATENCY_US,
+)
+RUNTIME_LATENCY = _Histogram(
+    ":tensorflow:serving:runtime_latency",
+    "Distribution of wall time (in microseconds) for Tensorflow Serving runtime.",
+    ("model_name", "API", "runtime"),
+    _LATENCY_US,
+)
+REQUEST_EXAMPLE_COUNTS = _Histogram(
+    ":tensorflow:serving:request_example_counts",
+    "The number of tensorflow.Examples per request.",
+    ("model",),
+    _exponential(1, 2, 15),
+)
+REQUEST_EXAMPLE_COUNT_TOTAL = _Counter(
+    ":tensorflow:serving:request_example_count_total", "The total number of tensorflow.Examples.", ("model",)
+)
+MODEL_WARMUP_LATENCY = _Histogram(
+    ":tensorflow:serving:model_warmup_latency",
+    "Distribution of wall time (in microseconds) for warming up the model.",
+    ("model_path", "status"),
+    _LATENCY_US,
+)
+MODEL_WARMUP_RECORDS_READ = _Counter(
+    ":tensorflow:serving:model_warmup_records_read", "The number of warmup records read.", ("model_path", "status")
+)
+LOAD_ATTEMPT_COUNT = _Counter(
+    ":tensorflow:cc:saved_model:load_attempt_count",
+    "The number of times a SavedModel was successfully loaded.",
+    ("model_path", "status"),
+)
+LOAD_LATENCY = _Counter(
+    ":tensorflow:cc:saved_model:load_latency",
+    "Latency in microseconds for SavedModels that were successfully loaded.",
+    ("model_path",),
+)
 
-BATCH_QUEUING_LATENCY = _Histogram(":tensorflow:serving:batching_session:queuing_latency",
-                                   "Distribution of wall time spent (in microseconds) in queues",
-                                   ("thread_pool_name",), _exponential(100, 1.2, 52))
-BATCH_WRAPPED_RUN_COUNT = _Counter(":tensorflow:serving:batching_session:wrapped_run_count",
-                                   "Counts the number of times a batched session run was called", ())
-BATCH_INPUT_SIZE = _Histogram(":tensorflow:serving:batching_session:input_batch_size",
-                              "Tracks the batch size distribution on the inputs by model_name (if available).", (),
-                              _exponential(1, 2, 14))
-BATCH_PROCESSED_SIZE = _Histogram(":tensorflow:serving:batching_session:processed_batch_size",
-                                  "Tracks the batch size distribution on processing by model_name (if available).",
-                                  (), _exponential(1, 2, 14))
-BATCH_PADDING_SIZE = _Histogram(":tensorflow:serving:batching_session:padding_size",
-                                "Tracks the padding size distribution on batches by model_name (if available).",
-                                ("execution_batch_size",), _exponential(1, 2, 14))
+BATCH_QUEUING_LATENCY = _Histogram(
+    ":tensorflow:serving:batching_session:queuing_latency",
+    "Distribution of wall time spent (in microseconds) in queues",
+    ("thread_pool_name",),
+    _exponential(100, 1.2, 52),
+)
+BATCH_WRAPPED_RUN_COUNT = _Counter(
+    ":tensorflow:serving:batching_session:wrapped_run_count",
+    "Counts the number of times a batched session run was called",
+    (),
+)
+BATCH_INPUT_SIZE = _Histogram(
+    ":tensorflow:serving:batching_session:input_batch_size",
+    "Tracks the batch size distribution on the inputs by model_name (if available).",
+    (),
+    _exponential(1, 2, 14),
+)
+BATCH_PROCESSED_SIZE = _Histogram(
+    ":tensorflow:serving:batching_session:processed_batch_size",
+    "Tracks the batch size distribution on processing by model_name (if available).",
+    (),
+    _exponential(1, 2, 14),
+)
+BATCH_PADDING_SIZE = _Histogram(
+    ":tensorflow:serving:batching_session:padding_size",
+    "Tracks the padding size distribution on batches by model_name (if available).",
+    ("execution_batch_size",),
+    _exponential(1, 2, 14),
+)
 
-_ALL = [REQUEST_COUNT, REQUEST_LATENCY, RUNTIME_LATENCY, REQUEST_EXAMPLE_COUNTS, REQUEST_EXAMPLE_COUNT_TOTAL,
-        MODEL_WARMUP_LATENCY, MODEL_WARMUP_RECORDS_READ, LOAD_ATTEMPT_COUNT, LOAD_LATENCY, BATCH_QUEUING_LATENCY,
-        BATCH_WRAPPED_RUN_COUNT, BATCH_INPUT_SIZE, BATCH_PROCESSED_SIZE, BATCH_PADDING_SIZE]
+_ALL: list[_Counter | _Histogram] = [
+    REQUEST_COUNT,
+    REQUEST_LATENCY,
+    RUNTIME_LATENCY,
+    REQUEST_EXAMPLE_COUNTS,
+    REQUEST_EXAMPLE_COUNT_TOTAL,
+    MODEL_WARMUP_LATENCY,
+    MODEL_WARMUP_RECORDS_READ,
+    LOAD_ATTEMPT_COUNT,
+    LOAD_LATENCY,
+    BATCH_QUEUING_LATENCY,
+    BATCH_WRAPPED_RUN_COUNT,
+    BATCH_INPUT_SIZE,
+    BATCH_PROCESSED_SIZE,
+    BATCH_PADDING_SIZE,
+]
 
 
-class _Collector:
-    def collect(self):
+class _Collector(Collector):
+    def collect(self) -> Iterator[Metric]:
         for metric in _ALL:
             yield metric.collect()
 

@@ -7,6 +7,7 @@ Strings are numpy object arrays of `bytes`, which is what a TF session takes and
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -108,7 +109,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
     return filled.reshape(shape)
 
 
-def to_ndarrays(protos) -> dict[str, np.ndarray]:
+def to_ndarrays(protos: Mapping[str, tensor_pb2.TensorProto]) -> dict[str, np.ndarray]:
     """A request's `inputs` map of TensorProtos, decoded."""
     return {alias: to_ndarray(proto, alias) for alias, proto in protos.items()}
 

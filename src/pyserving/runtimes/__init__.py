@@ -1,1 +1,1 @@
-"""Runtimes turn a version folder into a `pyserving.servable.Servable`."""
+"""Runtimes turn a version folder into a `Servable` (registry by `model_platform`); batching wraps one."""

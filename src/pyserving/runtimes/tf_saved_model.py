@@ -10,15 +10,21 @@ this way, and it is what TF Serving itself does. Callables are built with
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
+from tensorflow.core.framework import graph_pb2
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 
 from pyserving.errors import Code, ServingError, from_tf_error
+from pyserving.runtimes.registry import RuntimeOptions
+
+__all__ = ["SAVED_MODEL_FILES", "SavedModelServable", "load", "read_signature_defs", "session_config"]
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # Feed/fetch combinations are few per signature; the bound only stops a client
@@ -38,8 +44,9 @@ def read_signature_defs(path: str, tags: list[str]) -> dict[str, meta_graph_pb2.
         if os.path.exists(file):
             break
     else:
-        raise ServingError(Code.NOT_FOUND,
-                           f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}")
+        raise ServingError(
+            Code.NOT_FOUND, f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}"
+        )
     saved_model = saved_model_pb2.SavedModel()
     try:
         with open(file, "rb") as handle:
@@ -62,6 +69,13 @@ def read_signature_defs(path: str, tags: list[str]) -> dict[str, meta_graph_pb2.
 _SHARED_INTER_OP_POOL = "pyserving_inter_op"
 
 
+def load(path: str, options: RuntimeOptions) -> SavedModelServable:
+    """The registry's entry point: a SavedModel version folder as a servable."""
+    config = session_config(options.intra_op_parallelism, options.inter_op_parallelism)
+    return SavedModelServable(path, list(options.saved_model_tags), config)
+
+
+@functools.cache
 def session_config(intra_op: int, inter_op: int) -> config_pb2.ConfigProto:
     """TF session options from the `--tensorflow_*_parallelism` flags (0 = auto).
 
@@ -85,15 +99,20 @@ def session_config(intra_op: int, inter_op: int) -> config_pb2.ConfigProto:
 _LOOP_OPS = frozenset({"Enter", "NextIteration", "LoopCond", "While", "StatelessWhile", "_While", "For"})
 
 
-def _has_loop(graph_def) -> bool:
+def _has_loop(graph_def: graph_pb2.GraphDef) -> bool:
     """Whether the graph or any function in its library can loop."""
     nodes = [node.op for node in graph_def.node]
     nodes += [node.op for function in graph_def.library.function for node in function.node_def]
     return not _LOOP_OPS.isdisjoint(nodes)
 
 
+_Callable = Callable[..., list[np.ndarray]]
+
+
 class SavedModelServable:
     """A SavedModel version loaded into its own graph and session."""
+
+    runtime = "TF1"  # TF Serving's runtime_latency label for a Session-based servable
 
     def __init__(self, path: str, tags: list[str], config: config_pb2.ConfigProto) -> None:
         if not any(os.path.exists(os.path.join(path, f)) for f in SAVED_MODEL_FILES):
@@ -111,14 +130,15 @@ class SavedModelServable:
         except Exception as exc:
             self._session.close()
             raise from_tf_error(exc) from exc
-        self._callables: dict[tuple, object] = {}
+        self._callables: dict[tuple, _Callable] = {}
         self._lock = threading.Lock()
         # A call on the caller's thread ignores its timeout, so only graphs without loops (whose run
         # time is bounded by their input) run there; a graph with a loop keeps cancellable calls.
-        self._caller_thread = (any(p.global_name == _SHARED_INTER_OP_POOL for p in config.session_inter_op_thread_pool)
-                               and not _has_loop(meta_graph.graph_def))
+        self._caller_thread = any(
+            p.global_name == _SHARED_INTER_OP_POOL for p in config.session_inter_op_thread_pool
+        ) and not _has_loop(meta_graph.graph_def)
 
-    def _check_variables_restored(self, graph_def) -> None:
+    def _check_variables_restored(self, graph_def: graph_pb2.GraphDef) -> None:
         """Fail the load if a signature reads a resource variable that restoring left uninitialized.
 
         A Keras 3 model wrapped in a tf.Module and saved with tf.saved_model.save gets a
@@ -127,8 +147,11 @@ class SavedModelServable:
         here keeps the previous version serving and names the cause.
         """
         nodes = {node.name: node for node in graph_def.node}
-        stack = [info.name.split(":")[0] for signature in self._signature_defs.values()
-                 for info in signature.outputs.values()]
+        stack = [
+            info.name.split(":")[0]
+            for signature in self._signature_defs.values()
+            for info in signature.outputs.values()
+        ]
         seen: set[str] = set()
         handles = []
         while stack:
@@ -142,52 +165,55 @@ class SavedModelServable:
         if not handles:
             return
         with self._graph.as_default():
-            checks = [tf.raw_ops.VarIsInitializedOp(resource=self._graph.get_tensor_by_name(f"{h}:0"))
-                      for h in sorted(handles)]
-        missing = [h for h, ok in zip(sorted(handles), self._session.run(checks)) if not ok]
+            checks = [
+                tf.raw_ops.VarIsInitializedOp(resource=self._graph.get_tensor_by_name(f"{h}:0"))
+                for h in sorted(handles)
+            ]
+        missing = [h for h, ok in zip(sorted(handles), self._session.run(checks), strict=True) if not ok]
         if missing:
             raise ServingError(
                 Code.FAILED_PRECONDITION,
                 f"The signatures read variables that the SavedModel does not restore: {', '.join(missing)}. "
                 "A Keras 3 model saved with tf.saved_model.save inside another object does this; export it with "
-                "model.export() or keras.export.ExportArchive.")
+                "model.export() or keras.export.ExportArchive.",
+            )
 
     @property
     def signature_defs(self) -> dict[str, meta_graph_pb2.SignatureDef]:
         return self._signature_defs
 
     def run(
-        self,
-        signature: meta_graph_pb2.SignatureDef,
-        inputs: dict[str, np.ndarray],
-        output_aliases: list[str],
-        timeout_ms: int,
+        self, signature_name: str, inputs: dict[str, np.ndarray], output_aliases: Sequence[str], timeout_ms: int
     ) -> list[np.ndarray]:
         feed_aliases = tuple(sorted(inputs))
         timeout_ms = 0 if self._caller_thread else timeout_ms
-        key = (id(signature), feed_aliases, tuple(output_aliases), timeout_ms)
-        fn = self._callables.get(key) or self._make_callable(
-            key, [signature.inputs[a].name for a in feed_aliases],
-            [signature.outputs[a].name for a in output_aliases], timeout_ms)
+        key = (signature_name, feed_aliases, tuple(output_aliases), timeout_ms)
+        fn = self._callables.get(key)
+        if fn is None:
+            signature = self._signature_defs[signature_name]
+            fn = self._make_callable(
+                key,
+                [signature.inputs[a].name for a in feed_aliases],
+                [signature.outputs[a].name for a in output_aliases],
+                timeout_ms,
+            )
         return self._call(fn, [inputs[a] for a in feed_aliases])
 
     def run_multi(
-        self,
-        tasks: list[tuple[meta_graph_pb2.SignatureDef, list[str]]],
-        inputs: dict[str, np.ndarray],
-        timeout_ms: int,
+        self, tasks: Sequence[tuple[str, Sequence[str]]], inputs: dict[str, np.ndarray], timeout_ms: int
     ) -> list[list[np.ndarray]]:
-        feeds = {signature.inputs[alias].name: array for signature, _ in tasks for alias, array in inputs.items()}
+        signatures = [(self._signature_defs[name], aliases) for name, aliases in tasks]
+        feeds = {signature.inputs[alias].name: array for signature, _ in signatures for alias, array in inputs.items()}
         feed_names = tuple(sorted(feeds))
-        fetch_names = tuple(sorted({signature.outputs[a].name for signature, aliases in tasks for a in aliases}))
+        fetch_names = tuple(sorted({signature.outputs[a].name for signature, aliases in signatures for a in aliases}))
         timeout_ms = 0 if self._caller_thread else timeout_ms
         key = (feed_names, fetch_names, timeout_ms)
         fn = self._callables.get(key) or self._make_callable(key, feed_names, fetch_names, timeout_ms)
-        values = dict(zip(fetch_names, self._call(fn, [feeds[n] for n in feed_names])))
-        return [[values[signature.outputs[a].name] for a in aliases] for signature, aliases in tasks]
+        values = dict(zip(fetch_names, self._call(fn, [feeds[n] for n in feed_names]), strict=True))
+        return [[values[signature.outputs[a].name] for a in aliases] for signature, aliases in signatures]
 
     @staticmethod
-    def _call(fn, feeds: list[np.ndarray]) -> list[np.ndarray]:
+    def _call(fn: _Callable, feeds: list[np.ndarray]) -> list[np.ndarray]:
         try:
             return fn(*feeds)
         except tf.errors.OpError as exc:
@@ -195,7 +221,9 @@ class SavedModelServable:
         except (TypeError, ValueError) as exc:
             raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
-    def _make_callable(self, key: tuple, feed_names, fetch_names, timeout_ms: int):
+    def _make_callable(
+        self, key: tuple, feed_names: Sequence[str], fetch_names: Sequence[str], timeout_ms: int
+    ) -> _Callable:
         options = config_pb2.CallableOptions(feed=feed_names, fetch=fetch_names)
         if self._caller_thread:
             options.run_options.inter_op_thread_pool = _CALLER_THREAD

@@ -45,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="a TF1 checkpoint or frozen graph to a versioned SavedModel")
     kinds = convert.add_subparsers(dest="kind", required=True)
-    for kind, source_help in (("checkpoint", "checkpoint folder or prefix (with its .meta graph)"),
-                              ("frozen-graph", "frozen GraphDef file (.pb)")):
+    for kind, source_help in (
+        ("checkpoint", "checkpoint folder or prefix (with its .meta graph)"),
+        ("frozen-graph", "frozen GraphDef file (.pb)"),
+    ):
         sub = kinds.add_parser(kind)
         sub.add_argument("source", help=source_help)
         sub.add_argument("export_base", help="model base path; the SavedModel goes to <export_base>/<version>")
@@ -66,18 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_inspect(args) -> int:
+def _run_inspect(args: argparse.Namespace) -> int:
     from pyserving.tools import inspect
 
     print(inspect.render(inspect.describe(args.path, args.tags.split(",")), args.json))
     return 0
 
 
-def _run_convert(args) -> int:
+def _run_convert(args: argparse.Namespace) -> int:
     from pyserving.tools import convert
 
-    spec = convert.SignatureSpec(convert.parse_pairs(args.input), convert.parse_pairs(args.output),
-                                 args.signature_name, args.method)
+    spec = convert.SignatureSpec(
+        convert.parse_pairs(args.input), convert.parse_pairs(args.output), args.signature_name, args.method
+    )
     if args.kind == "checkpoint":
         path = convert.from_checkpoint(args.source, args.export_base, spec, args.version)
     else:
@@ -86,7 +89,7 @@ def _run_convert(args) -> int:
     return 0
 
 
-def _run_warmup(args) -> int:
+def _run_warmup(args: argparse.Namespace) -> int:
     from pyserving.tools import warmup_file
 
     path, count = warmup_file.write(args.base_path, args.requests, args.version, args.tags.split(","))

@@ -14,20 +14,22 @@ from dataclasses import dataclass
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from pyserving import classification
 from pyserving.errors import ServingError
-from pyserving.servable import CLASSIFY_METHOD, PREDICT_METHOD, REGRESS_METHOD
+from pyserving.runtimes.servable import CLASSIFY_METHOD, PREDICT_METHOD, REGRESS_METHOD
+from pyserving.serving import classify_regress
 from pyserving.tools import ToolError
 from pyserving.tools.inspect import version_folders
 
 _METHODS = {"predict": PREDICT_METHOD, "classify": CLASSIFY_METHOD, "regress": REGRESS_METHOD}
-_SHAPES = {"classify": "one input 'inputs' of serialized tf.Example, outputs 'classes' and/or 'scores'",
-           "regress": "one input 'inputs' of serialized tf.Example, one output 'outputs'"}
+_SHAPES = {
+    "classify": "one input 'inputs' of serialized tf.Example, outputs 'classes' and/or 'scores'",
+    "regress": "one input 'inputs' of serialized tf.Example, one output 'outputs'",
+}
 
 
 @dataclass(frozen=True)
 class SignatureSpec:
-    inputs: dict[str, str]   # alias -> tensor name
+    inputs: dict[str, str]  # alias -> tensor name
     outputs: dict[str, str]
     name: str = "serving_default"
     method: str = "predict"
@@ -78,7 +80,9 @@ def from_frozen_graph(source: str, export_base: str, spec: SignatureSpec, versio
         return _export(graph, session, export_base, spec, version)
 
 
-def _export(graph: tf.Graph, session, export_base: str, spec: SignatureSpec, version: int | None) -> str:
+def _export(
+    graph: tf.Graph, session: tf.compat.v1.Session, export_base: str, spec: SignatureSpec, version: int | None
+) -> str:
     signature = meta_graph_pb2.SignatureDef(method_name=_METHODS[spec.method])
     for aliases, target in ((spec.inputs, signature.inputs), (spec.outputs, signature.outputs)):
         for alias, name in aliases.items():
@@ -89,12 +93,14 @@ def _export(graph: tf.Graph, session, export_base: str, spec: SignatureSpec, ver
             target[alias].CopyFrom(tf.compat.v1.saved_model.utils.build_tensor_info(tensor))
     try:
         if spec.method == "classify":
-            classification.check_classify_signature(signature, method_name_check=True)
+            classify_regress.check_classify_signature(signature, method_name_check=True)
         elif spec.method == "regress":
-            classification.check_regress_signature(signature, method_name_check=True)
+            classify_regress.check_regress_signature(signature, method_name_check=True)
     except ServingError as exc:
-        raise ToolError(f"Not a valid {spec.method} signature ({_SHAPES[spec.method]}): "
-                        f"{exc.message.split(': inputs {')[0].split('. Signature was')[0]}") from None
+        raise ToolError(
+            f"Not a valid {spec.method} signature ({_SHAPES[spec.method]}): "
+            f"{exc.message.split(': inputs {')[0].split('. Signature was')[0]}"
+        ) from None
     version = next_version(export_base) if version is None else version
     target = os.path.join(export_base, str(version))
     if os.path.exists(target):
@@ -102,8 +108,9 @@ def _export(graph: tf.Graph, session, export_base: str, spec: SignatureSpec, ver
     staging = os.path.join(export_base, f".staging-{version}")
     shutil.rmtree(staging, ignore_errors=True)
     builder = tf.compat.v1.saved_model.Builder(staging)
-    builder.add_meta_graph_and_variables(session, [tf.saved_model.SERVING],
-                                         signature_def_map={spec.name: signature}, strip_default_attrs=True)
+    builder.add_meta_graph_and_variables(
+        session, [tf.saved_model.SERVING], signature_def_map={spec.name: signature}, strip_default_attrs=True
+    )
     builder.save()
     publish(staging, target)
     return target

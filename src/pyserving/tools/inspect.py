@@ -8,8 +8,8 @@ import os
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from pyserving.lifecycle.sources import parse_version, version_entries
 from pyserving.runtimes.tf_saved_model import SAVED_MODEL_FILES, read_signature_defs
-from pyserving.sources import parse_version, version_entries
 from pyserving.tools import ToolError
 
 
@@ -47,14 +47,15 @@ def describe(path: str, tags: list[str]) -> dict:
             raise ToolError(f"No SavedModel and no numeric version folder at {path}")
         versions, folder = sorted(found), found[max(found)]
     signatures = read_signature_defs(folder, tags)
-    return {"versions": versions,
-            "signatures": {key: _signature(signatures[key]) for key in sorted(signatures)}}
+    return {"versions": versions, "signatures": {key: _signature(signatures[key]) for key in sorted(signatures)}}
 
 
 def _signature(signature: meta_graph_pb2.SignatureDef) -> dict:
-    return {"method_name": signature.method_name,
-            "inputs": {alias: _tensor(signature.inputs[alias]) for alias in sorted(signature.inputs)},
-            "outputs": {alias: _tensor(signature.outputs[alias]) for alias in sorted(signature.outputs)}}
+    return {
+        "method_name": signature.method_name,
+        "inputs": {alias: _tensor(signature.inputs[alias]) for alias in sorted(signature.inputs)},
+        "outputs": {alias: _tensor(signature.outputs[alias]) for alias in sorted(signature.outputs)},
+    }
 
 
 def _tensor(info: meta_graph_pb2.TensorInfo) -> dict:

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import orjson
 import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
-from pyserving import classification, json_codec, json_examples, tensors
+from pyserving import tensors
 from pyserving.errors import ServingError
+from pyserving.protocols.tfs.json import examples, predict_request
+from pyserving.protocols.tfs.json.document import signature_name
+from pyserving.protocols.tfs.warmup import WARMUP_FILE
+from pyserving.runtimes.servable import DEFAULT_SIGNATURE
 from pyserving.runtimes.tf_saved_model import read_signature_defs
-from pyserving.servable import DEFAULT_SIGNATURE
+from pyserving.serving import classify_regress
 from pyserving.tools import ToolError
 from pyserving.tools.inspect import newest_version
-from pyserving.warmup import WARMUP_FILE
 
 
 def write(base_path: str, requests_file: str, version: int | None, tags: list[str]) -> tuple[str, int]:
@@ -51,25 +56,28 @@ def write(base_path: str, requests_file: str, version: int | None, tags: list[st
     return path, len(records)
 
 
-def _record(name: str, body, signatures) -> prediction_log_pb2.PredictionLog:
+def _record(
+    name: str, body: Any, signatures: dict[str, meta_graph_pb2.SignatureDef]
+) -> prediction_log_pb2.PredictionLog:
     if not isinstance(body, dict):
         raise ToolError("each request body must be a JSON object")
-    key = json_codec.signature_name(body)
+    key = signature_name(body)
     signature = signatures.get(key or DEFAULT_SIGNATURE)
     if signature is None:
-        raise ToolError(f'signature "{key or DEFAULT_SIGNATURE}" is not in the model '
-                        f"(it has: {', '.join(sorted(signatures))})")
+        raise ToolError(
+            f'signature "{key or DEFAULT_SIGNATURE}" is not in the model (it has: {", ".join(sorted(signatures))})'
+        )
     log = prediction_log_pb2.PredictionLog()
     if "examples" in body:
-        request_input = json_examples.decode_input(body)
+        request_input = examples.decode_input(body)
         if _is_classify(signature):
             request = log.classify_log.request
         else:
-            classification.check_regress_signature(signature, method_name_check=False)
+            classify_regress.check_regress_signature(signature, method_name_check=False)
             request = log.regress_log.request
         request.input.CopyFrom(request_input)
     else:
-        decoded = json_codec.decode_predict(body, signature, key, orjson.dumps(body))
+        decoded = predict_request.decode_predict(body, signature, key, orjson.dumps(body))
         request = log.predict_log.request
         for alias, array in decoded.tensors.items():
             request.inputs[alias].CopyFrom(tensors.to_proto(array))
@@ -78,9 +86,9 @@ def _record(name: str, body, signatures) -> prediction_log_pb2.PredictionLog:
     return log
 
 
-def _is_classify(signature) -> bool:
+def _is_classify(signature: meta_graph_pb2.SignatureDef) -> bool:
     try:
-        classification.check_classify_signature(signature, method_name_check=False)
+        classify_regress.check_classify_signature(signature, method_name_check=False)
     except ServingError:
         return False
     return True

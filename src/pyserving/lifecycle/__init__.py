@@ -1,0 +1,1 @@
+"""Which versions of which models are loaded: model configs, sources, the manager and the loader chain."""

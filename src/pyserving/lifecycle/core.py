@@ -1,0 +1,131 @@
+"""The server core: model configuration and version lifecycle, wired together.
+
+`ServerCore` applies a model config the way TF Serving's ServerCore does (labels
+are checked before models are added; the initial config, and a reload, wait
+until the new models' versions have loaded or failed), runs the file-system
+source and, with `--model_config_file_poll_wait_seconds`, re-reads the config
+file. What a version is loaded with is the `Loader` it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from tensorflow_serving.config import model_server_config_pb2
+
+from pyserving.errors import Code, ServingError
+from pyserving.flags import Options
+from pyserving.lifecycle import model_config
+from pyserving.lifecycle.manager import Loader, ModelManager, RetryPolicy
+from pyserving.lifecycle.model_config import ModelConfig
+from pyserving.lifecycle.sources import FileSystemSource
+
+__all__ = ["ServerCore", "initial_configs"]
+
+log = logging.getLogger("pyserving")
+
+
+def initial_configs(options: Options) -> list[ModelConfig]:
+    """The models to serve at start-up: the config file if given, else the single-model flags."""
+    if options.model_config_file:
+        return model_config.from_proto(model_config.read_file(options.model_config_file))
+    return model_config.single_model(options.model_name, options.model_base_path)
+
+
+class ServerCore:
+    """Owns the model manager and the source that feeds it; applies and reloads model configs."""
+
+    def __init__(self, options: Options, loader: Loader) -> None:
+        self._options = options
+        # TF Serving loads the initial models on 4 threads per CPU, later ones on --num_load_threads.
+        self.manager = ModelManager(
+            loader,
+            RetryPolicy(options.max_num_load_retries, max(options.load_retry_interval_micros, 0) / 1e6),
+            load_threads=4 * (os.cpu_count() or 1),
+            unload_threads=options.num_unload_threads,
+        )
+        self._source = FileSystemSource(self.manager, options.file_system_poll_wait_seconds)
+        self._configs: list[ModelConfig] = []
+        self.draining = False  # set on SIGTERM: not ready any more
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._config_poller: threading.Thread | None = None
+
+    def start(self, configs: list[ModelConfig]) -> None:
+        """Load the initial models (blocking); `ServingError` if any version fails."""
+        with self._reload_lock:
+            self._apply(configs, initial=True)
+        self.manager.use_load_threads(self._options.num_load_threads)
+        self._source.start()
+        period = self._options.model_config_file_poll_wait_seconds
+        if self._options.model_config_file and period > 0:
+            self._config_poller = threading.Thread(
+                target=self._poll_config_file, args=(period,), name="config-poll", daemon=True
+            )
+            self._config_poller.start()
+
+    def reload(self, configs: list[ModelConfig]) -> None:
+        """Replace the whole model config; the old one stays on error."""
+        with self._reload_lock:
+            self._apply(configs, initial=False)
+
+    def reload_proto(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """`reload` from a ModelServerConfig message (HandleReloadConfigRequest), validated as a config file is."""
+        self.reload(model_config.from_proto(config))
+
+    def _apply(self, configs: list[ModelConfig], initial: bool) -> None:
+        # Labels first, against what serves now: a label may not point at a version
+        # this same config is only about to load (TF Serving's order too).
+        self.manager.set_labels(
+            {c.name: c.labels for c in configs}, self._options.allow_version_labels_for_unavailable_models
+        )
+        known = {c.name for c in self._configs}
+        self._source.set_models(configs)
+        if initial:
+            for config in configs:
+                self._source.wait_for_versions(config)
+        self._configs = configs
+        failures = self.manager.wait_settled(c.name for c in configs if c.name not in known)
+        if failures:
+            ids = [
+                f"{{name: {name} version: {status.version}}} due to error: {status.error}" for name, status in failures
+            ]
+            if initial:
+                details = "".join(f"{i}, " for i in ids)
+                raise ServingError(Code.UNKNOWN, f"{len(ids)} servable(s) did not become available: {{{details}}}")
+            details = "".join(f"{{{i}}}, " for i in ids)
+            raise ServingError(Code.UNKNOWN, f"{len(ids)} model(s) did not become available: {{{details}}}")
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready when not shutting down and every configured model has an AVAILABLE version."""
+        models = {c.name: "AVAILABLE" if self.manager.is_serving(c.name) else "NOT_AVAILABLE" for c in self._configs}
+        return not self.draining and all(state == "AVAILABLE" for state in models.values()), models
+
+    def _poll_config_file(self, period: int) -> None:
+        path = self._options.model_config_file
+        while not self._stop.wait(period):
+            try:
+                proto = model_config.read_file(path)
+            except ServingError as exc:
+                log.error("Failed to read ModelServerConfig file: %s", exc.message)
+                continue
+            try:
+                if proto.WhichOneof("config") != "model_config_list":
+                    raise ServingError(
+                        Code.FAILED_PRECONDITION,
+                        "Cannot transition to requested config. It is only legal to transition "
+                        "from one ModelConfigList to another.",
+                    )
+                configs = model_config.from_proto(proto)
+                if configs != self._configs:
+                    self.reload(configs)
+            except ServingError as exc:
+                log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", exc)
+
+    def stop(self) -> None:
+        """Stop polling, unload every version."""
+        self._stop.set()
+        self._source.stop()
+        self.manager.unload_all()

@@ -1,0 +1,110 @@
+"""Which models to serve: `--model_config_file` (text-format ModelServerConfig) or the single-model flags.
+
+The file is parsed with the official `ModelServerConfig` proto and validated the
+way TF Serving's ServerCore does; the result is a list of `ModelConfig`, the only
+form the rest of the server sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from tensorflow_serving.config import file_system_storage_path_source_pb2, model_server_config_pb2
+
+from pyserving import config_protos
+from pyserving.errors import Code, ServingError, invalid_argument
+from pyserving.runtimes import registry
+
+__all__ = ["ModelConfig", "VersionPolicy", "from_proto", "read_file", "single_model"]
+
+log = logging.getLogger("pyserving")
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """TF Serving's ServableVersionPolicy: latest N (default 1), all, or specific versions."""
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model to serve: where its versions are, which to load, their labels and their runtime."""
+
+    name: str
+    base_path: str
+    policy: VersionPolicy = VersionPolicy()
+    labels: dict[str, int] = field(default_factory=dict)
+    platform: str = registry.TENSORFLOW_PLATFORM
+
+
+def single_model(name: str, base_path: str) -> list[ModelConfig]:
+    """`--model_name` / `--model_base_path` (a relative path is taken from the working directory)."""
+    log.info("Building single TensorFlow model file config:  model_name: %s model_base_path: %s", name, base_path)
+    return [ModelConfig(name, os.path.abspath(base_path))]
+
+
+def read_file(path: str) -> model_server_config_pb2.ModelServerConfig:
+    """Parse a text-format ModelServerConfig file; `ServingError` if unreadable or unparsable."""
+    return config_protos.parse_file(path, model_server_config_pb2.ModelServerConfig)
+
+
+def from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[ModelConfig]:
+    """Validate a ModelServerConfig and convert it, in file order (an empty config serves nothing)."""
+    kind = config.WhichOneof("config")
+    if kind == "custom_model_config":
+        raise ServingError(Code.UNIMPLEMENTED, "ModelServer does not yet support custom model config.")
+    models: list[ModelConfig] = []
+    seen: set[str] = set()
+    for proto in config.model_config_list.config:
+        if proto.name in seen:
+            raise invalid_argument(f"Illegal to list model {proto.name} multiple times in config list")
+        seen.add(proto.name)
+        if not os.path.isabs(proto.base_path) and "://" not in proto.base_path:
+            raise invalid_argument(
+                f"Expected model {proto.name} to have an absolute path or URI; got base_path()={proto.base_path}"
+            )
+        platform = _platform(proto)
+        if proto.HasField("logging_config"):
+            raise invalid_argument("No request-logger-creator provided.")
+        models.append(
+            ModelConfig(
+                proto.name, proto.base_path, _policy(proto.model_version_policy), dict(proto.version_labels), platform
+            )
+        )
+    return models
+
+
+def _platform(proto: model_server_config_pb2.ModelConfig) -> str:
+    """The runtime a model config asks for, checked as TF Serving checks it."""
+    if proto.model_type and proto.model_platform:
+        raise invalid_argument(
+            "Illegal setting both ModelServerConfig::model_type (deprecated) and ModelServerConfig::model_platform."
+        )
+    if proto.model_type:
+        log.warning("Deprecated ModelServerConfig::model_type field used. Prefer ModelServerConfig::model_platform.")
+        if proto.model_type != model_server_config_pb2.TENSORFLOW:
+            raise invalid_argument(f"ModelServerConfig::model_type choice {proto.model_type} not supported.")
+        return registry.TENSORFLOW_PLATFORM
+    if not proto.model_platform:
+        raise invalid_argument(
+            "Illegal setting neither ModelServerConfig::model_type (deprecated) nor ModelServerConfig::model_platform."
+        )
+    if proto.model_platform not in registry.platforms():
+        raise invalid_argument(f"Model {proto.name} requests unsupported platform {proto.model_platform}")
+    return proto.model_platform
+
+
+def _policy(
+    proto: file_system_storage_path_source_pb2.FileSystemStoragePathSourceConfig.ServableVersionPolicy,
+) -> VersionPolicy:
+    kind = proto.WhichOneof("policy_choice")
+    if kind == "all":
+        return VersionPolicy("all")
+    if kind == "specific":
+        return VersionPolicy("specific", versions=tuple(proto.specific.versions))
+    return VersionPolicy("latest", num_versions=max(proto.latest.num_versions, 1))

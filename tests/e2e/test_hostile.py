@@ -1,0 +1,251 @@
+"""Hostile input and faults: every bad request gets a 4xx (or its gRPC equivalent); what serves keeps serving."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+import tensorflow as tf
+from helpers import HALF_PLUS_TWO, Traffic, copy_version, post, predict_request, rss_mib, statuses, wait_for
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+PREDICT = "/v1/models/half_plus_two:predict"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"instances": [1.0, 2', "JSON Parse error: Missing a comma or ']' after an array element. at offset: 21"),
+        (b"", "JSON Parse error: The document is empty"),
+        (b"\xff\xfe\x00garbage", "JSON Parse error: Invalid value. at offset: 0"),
+        (b'{"instances": "text"}', None),
+        (
+            b'{"instances": [[1.0], [1.0, 2.0]]}',
+            "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: "
+            "Expecting tensor size: 1 but got: 2",
+        ),
+        (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+        (b'{"instances": ' + b"[" * 100_000, None),
+        (b'{"instances": [{"b64": "%%%"}]}', None),
+        (b'{"instances": ["\xff\xfe"]}', None),
+        (b'{"inst\xffances": [1.0]}', "Missing 'inputs' or 'instances' key"),
+        (b'{"instances": [1e999999]}', "JSON Parse error: Number too big to be stored in double. at offset: 15"),
+        (b'{"inputs": {"x": [' + b"1.0," * 10 + b'1.0]}, "signature_name": {"a": 1}}', None),
+    ],
+)
+def test_malformed_predict_bodies_get_a_400(half_plus_two, body, message):
+    r = post(half_plus_two.rest + PREDICT, body)
+    assert r.status_code == 400, r.text
+    if message is not None:
+        assert r.json() == {"error": message}
+    else:
+        assert r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/..%2F..%2Fetc%2Fpasswd:predict",
+        "/v1/models/half_plus_two/labels/..%2F..:predict",
+        "/v1/models/%2e%2e:predict",
+        "/v1/models/half_plus_two/versions/99999999999999999999999:predict",
+    ],
+)
+def test_path_tricks_get_a_4xx(half_plus_two, path):
+    r = post(half_plus_two.rest + path, {"instances": [1.0]})
+    assert r.status_code in (400, 404), r.text
+    if r.content:
+        assert "error" in r.json()
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(half_plus_two):
+    """64 MiB + 1 announced: 413 at once, without the server reading (or the client sending) the body."""
+    with socket.create_connection(("127.0.0.1", half_plus_two.rest_port), timeout=10) as sock:
+        sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: {64 * 1024 * 1024 + 1}\r\n\r\n".encode())
+        response = b""
+        while chunk := sock.recv(4096):  # the server answers and closes the connection
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert b"Request body exceeds the limit of 67108864 bytes" in response
+
+
+def test_unparsable_grpc_requests_get_invalid_argument(half_plus_two):
+    methods = [
+        f"/tensorflow.serving.PredictionService/{m}"
+        for m in ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
+    ]
+    methods += [f"/tensorflow.serving.ModelService/{m}" for m in ("GetModelStatus", "HandleReloadConfigRequest")]
+    with grpc.insecure_channel(half_plus_two.grpc) as channel:
+        for method in methods:
+            call = channel.unary_unary(method)
+            for payload in (os.urandom(64), b"\xff" * 16, b"\x0a\xff\xff\xff\xff\x0f"):
+                with pytest.raises(grpc.RpcError) as error:
+                    call(payload, timeout=10)
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error.value.details())
+                assert error.value.details().startswith("Failed to parse the request as tensorflow.serving.")
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(predict_request(), timeout=10)
+    assert list(response.outputs["y"].float_val) == [2.5, 3.0, 4.5]
+
+
+def test_half_sent_requests_do_not_block_others_and_are_dropped(start_server):
+    server = start_server(
+        "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}", "--rest_api_read_timeout_seconds=2"
+    )
+    quiet = []
+    for partial in (
+        b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Len",
+        b"POST " + PREDICT.encode() + b' HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"inst',
+        b"",
+    ):
+        sock = socket.create_connection(("127.0.0.1", server.rest_port), timeout=10)
+        sock.sendall(partial)
+        quiet.append(sock)
+    started = time.monotonic()
+    for _ in range(20):
+        assert post(server.rest + PREDICT, {"instances": [1.0]}).json() == {"predictions": [2.5]}
+    assert time.monotonic() - started < 10
+    for sock in quiet:  # each is closed by the server once its 2 s are up, without an answer
+        sock.settimeout(10)
+        assert sock.recv(1024) == b""
+        sock.close()
+
+
+# -- faults -------------------------------------------------------------------------------------------
+
+
+def _hanging_model(base: Path) -> None:
+    """A TF1 SavedModel whose main_op (run at load) counts to 10^13: its load never ends."""
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 1], name="x")
+        y = tf.identity(x, name="y")
+        forever = tf.while_loop(lambda i: i < 10**13, lambda i: i + 1, [tf.constant(0, tf.int64)])[0]
+        builder = tf.compat.v1.saved_model.Builder(str(base))
+        signature = tf.compat.v1.saved_model.predict_signature_def({"x": x}, {"y": y})
+        builder.add_meta_graph_and_variables(
+            session, ["serve"], signature_def_map={"serving_default": signature}, main_op=tf.group(forever)
+        )
+        builder.save()
+
+
+def test_faulty_new_versions_never_replace_the_working_one(start_server, tmp_path):
+    base = tmp_path / "m"
+    base.mkdir()
+    copy_version(HALF_PLUS_TWO / "00000123", base, 1)
+    server = start_server(
+        "--model_name=m",
+        f"--model_base_path={base}",
+        "--file_system_poll_wait_seconds=1",
+        "--max_num_load_retries=0",
+        "--num_load_threads=2",
+    )
+    traffic = Traffic(server, "m")
+    try:
+        # Truncated variables.
+        truncated = base.parent / "truncated"
+        shutil.copytree(HALF_PLUS_TWO / "00000123", truncated)
+        data = next((truncated / "variables").glob("*.data-*"))
+        data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 2])
+        os.rename(truncated, base / "2")
+        wait_for(lambda: statuses(server, "m")[0][:2] == (2, "END"), what="the truncated version to fail")
+        assert statuses(server, "m")[0][2] != "OK"
+        # A load that hangs: version 3 stays LOADING, version 1 keeps serving.
+        _hanging_model(base.parent / "hanging")
+        os.rename(base.parent / "hanging", base / "3")
+        wait_for(lambda: statuses(server, "m")[0] == (3, "LOADING", "OK"), what="version 3 to hang in LOADING")
+        time.sleep(2)
+        assert (1, "AVAILABLE", "OK") in statuses(server, "m")
+        assert traffic.serving(1)
+    finally:
+        traffic.stop()
+    assert traffic.failures == []
+    # A stuck load does not keep a stopped server alive.
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert time.monotonic() - started < 15
+
+
+# -- soak ---------------------------------------------------------------------------------------------
+
+SOAK_SECONDS = float(os.environ.get("PYSERVING_SOAK_SECONDS", "45"))
+
+
+def test_soak_valid_and_invalid_traffic_while_versions_change(start_server, tmp_path):
+    """Valid and invalid REST and gRPC traffic for SOAK_SECONDS while versions are added, broken and removed."""
+    base = tmp_path / "m"
+    base.mkdir()
+    copy_version(HALF_PLUS_TWO / "00000123", base, 1)
+    server = start_server(
+        "--model_name=m", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1", "--max_num_load_retries=0"
+    )
+    valid = Traffic(server, "m")
+    stop = threading.Event()
+    invalid = {"sent": 0, "5xx": []}
+
+    def hostile():
+        bodies = [
+            b"{",
+            b'{"instances": "x"}',
+            b'{"instances": [[1], [1, 2]]}',
+            b"\xff" * 64,
+            b'{"examples": [{"x": null}]}',
+            b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        ]
+        with requests.Session() as session, grpc.insecure_channel(server.grpc) as channel:
+            raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+            while not stop.is_set():
+                for body in bodies:
+                    for path in ("/v1/models/m:predict", "/v1/models/m:classify", "/v1/models/x:regress"):
+                        r = session.post(server.rest + path, data=body, timeout=30)
+                        invalid["sent"] += 1
+                        if r.status_code >= 500:
+                            invalid["5xx"].append((path, body[:40], r.status_code, r.text[:200]))
+                try:
+                    raw(os.urandom(32), timeout=10)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        invalid["5xx"].append(("grpc", exc.code(), exc.details()))
+                invalid["sent"] += 1
+
+    thread = threading.Thread(target=hostile)
+    thread.start()
+    rss = [rss_mib(server.proc.pid)]
+    version = 1
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < SOAK_SECONDS:
+            version += 1
+            step = version % 3
+            if step == 0:  # a good new version
+                copy_version(HALF_PLUS_TWO / "00000123", base, version)
+            elif step == 1:  # a broken one
+                (base / str(version)).mkdir()
+                (base / str(version) / "saved_model.pb").write_bytes(os.urandom(256))
+            else:  # remove the newest folders but the oldest good one
+                for folder in sorted(base.iterdir(), key=lambda p: int(p.name))[1:]:
+                    shutil.rmtree(folder)
+            time.sleep(3)
+            rss.append(rss_mib(server.proc.pid))
+    finally:
+        stop.set()
+        thread.join(60)
+        valid.stop()
+    print(
+        f"\nsoak {SOAK_SECONDS:.0f} s: valid requests {valid.sent}, failed {len(valid.failures)}; invalid requests "
+        f"{invalid['sent']}, 5xx {len(invalid['5xx'])}; versions changed {version - 1} times; "
+        f"RSS {min(rss):.0f}-{max(rss):.0f} MiB"
+    )
+    assert valid.failures == []
+    assert invalid["5xx"] == []
+    assert valid.sent > 100 and invalid["sent"] > 100
+    assert max(rss) - rss[0] < 300
+    assert server.proc.poll() is None

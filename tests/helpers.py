@@ -1,0 +1,299 @@
+"""What the tests share: the server as a subprocess, requests in both protocols, config files, waiting.
+
+Test modules import from here (and from `models`), never from each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import requests
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import (
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_log_pb2,
+    prediction_service_pb2_grpc,
+)
+
+TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "tf_serving"
+if not TESTDATA.is_dir():  # a checkout whose shared/ sits elsewhere can point at it
+    TESTDATA = Path(os.environ.get("PYSERVING_TESTDATA", TESTDATA))
+HALF_PLUS_TWO = TESTDATA / "saved_model_half_plus_two_cpu"
+START_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Server:
+    """A pyserving process; `rest` is its base URL, `grpc` its gRPC target."""
+
+    def __init__(self, *args: str, log_path: Path, rest: bool = True) -> None:
+        grpc_port, rest_port = free_port(), free_port() if rest else 0
+        command = [
+            sys.executable,
+            "-m",
+            "pyserving",
+            "--host=127.0.0.1",
+            f"--port={grpc_port}",
+            f"--rest_api_port={rest_port}",
+            *args,
+        ]
+        log = open(log_path, "wb")
+        self._attach(
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), grpc_port, rest_port, log_path, log
+        )
+
+    @classmethod
+    def attach(cls, proc: subprocess.Popen, grpc_port: int, rest_port: int, log_path: Path) -> Server:
+        """A Server for a process started some other way (e.g. through the container entrypoint)."""
+        server = cls.__new__(cls)
+        server._attach(proc, grpc_port, rest_port, log_path, None)
+        return server
+
+    def _attach(self, proc, grpc_port: int, rest_port: int, log_path: Path, log) -> None:
+        self.proc, self.grpc_port, self.rest_port, self.log_path, self._log = proc, grpc_port, rest_port, log_path, log
+        self.rest = f"http://127.0.0.1:{rest_port}"
+        self.grpc = f"127.0.0.1:{grpc_port}"
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> Server:
+        deadline = time.monotonic() + timeout
+        ports = [self.grpc_port] + ([self.rest_port] if self.rest_port else [])
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            if all(_port_open(p) for p in ports):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        if self._log is not None:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+        return self.proc.returncode
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pyserving", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def predict_request(name="half_plus_two", values=(1.0, 2.0, 5.0), **spec) -> predict_pb2.PredictRequest:
+    """A half_plus_two-style PredictRequest: `values` as x [n, 1]; spec keys: version, version_label, ..."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    for key, value in spec.items():
+        if key == "version":
+            request.model_spec.version.value = value
+        else:
+            setattr(request.model_spec, key, value)
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array(values, np.float32).reshape(-1, 1)))
+    return request
+
+
+def post(url: str, body, **kwargs) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(url, data=data, timeout=30, **kwargs)
+
+
+def grpc_predict(channel, name: str, x=(1.0,), **spec) -> predict_pb2.PredictResponse:
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+        predict_request(name, x, **spec), timeout=30
+    )
+
+
+def config_text(*models: dict) -> str:
+    """Text-format ModelServerConfig; each model: name, path, and optional raw `extra` text."""
+    entries = "".join(
+        f'  config {{ name: "{m["name"]}" base_path: "{m["path"]}" model_platform: "tensorflow" '
+        f"{m.get('extra', '')} }}\n"
+        for m in models
+    )
+    return "model_config_list {\n" + entries + "}\n"
+
+
+def write_config(path: Path, *models: dict) -> Path:
+    path.write_text(config_text(*models))
+    return path
+
+
+def reload(channel, *models: dict) -> model_management_pb2.ReloadConfigResponse:
+    request = model_management_pb2.ReloadConfigRequest()
+    text_format.Parse(config_text(*models), request.config)
+    return model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=120)
+
+
+def statuses(server, name: str) -> list[tuple[int, str, str]]:
+    r = requests.get(f"{server.rest}/v1/models/{name}", timeout=10)
+    if r.status_code != 200:
+        return []
+    return [(int(s["version"]), s["state"], s["status"]["error_code"]) for s in r.json()["model_version_status"]]
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def copy_version(source: Path, base: Path, version: int) -> Path:
+    """Copy a version folder in atomically (copy aside, then rename), as deploy scripts should."""
+    staging = base.parent / f".staging-{version}"
+    shutil.copytree(source, staging)
+    target = base / str(version)
+    os.rename(staging, target)
+    return target
+
+
+class Traffic:
+    """Sends predict requests over REST and gRPC on two threads until stopped; counts failures."""
+
+    def __init__(self, server, name: str) -> None:
+        self.sent = 0
+        self.failures: list[str] = []
+        self.grpc_versions: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._rest, args=(server, name)),
+            threading.Thread(target=self._grpc, args=(server, name)),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _rest(self, server, name):
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                r = session.post(f"{server.rest}/v1/models/{name}:predict", data='{"instances": [2.0]}', timeout=30)
+                self.sent += 1
+                if r.status_code != 200 or r.json() != {"predictions": [3.0]}:
+                    self.failures.append(f"REST {r.status_code} {r.text}")
+
+    def _grpc(self, server, name):
+        with grpc.insecure_channel(server.grpc) as channel:
+            while not self._stop.is_set():
+                try:
+                    response = grpc_predict(channel, name, x=[2.0])
+                    self.grpc_versions.append(response.model_spec.version.value)
+                    if list(response.outputs["y"].float_val) != [3.0]:
+                        self.failures.append(f"gRPC wrong answer {response}")
+                except grpc.RpcError as exc:
+                    self.failures.append(f"gRPC {exc.code()} {exc.details()}")
+                self.sent += 1
+
+    def serving(self, version: int) -> bool:
+        return bool(self.grpc_versions) and self.grpc_versions[-1] == version
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def write_warmup(version_dir: Path, records: list[bytes]) -> None:
+    (version_dir / "assets.extra").mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(version_dir / "assets.extra" / "tf_serving_warmup_requests")) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def counter_warmup(signature: str = "incr_counter") -> bytes:
+    log = prediction_log_pb2.PredictionLog()
+    log.predict_log.request.model_spec.name = "counter"
+    log.predict_log.request.model_spec.signature_name = signature
+    return log.SerializeToString()
+
+
+def get_counter(server, name: str) -> float:
+    """Over gRPC: REST cannot call a signature without inputs (TF Serving cannot either)."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = "get_counter"
+    with grpc.insecure_channel(server.grpc) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    return tf.make_ndarray(response.outputs["output"])
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def signature_def(method: str = "tensorflow/serving/predict", **inputs: int):
+    """A SignatureDef with the given input aliases and DataType numbers (tensor names `alias:0`)."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    signature = meta_graph_pb2.SignatureDef(method_name=method)
+    for alias, dtype in inputs.items():
+        signature.inputs[alias].name = f"{alias}:0"
+        signature.inputs[alias].dtype = dtype
+    return signature
+
+
+class DoublingServable:
+    """A servable in plain numpy: signature `double` (x -> y = 2x, any shape); for in-process tests of what
+    runs servables (batching, the manager, the data plane). It records the batch sizes it ran, and
+    `gate` (when set) holds each run until released, so tests can make calls queue up."""
+
+    runtime = "numpy"
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        from tensorflow.core.framework import types_pb2
+
+        self.signature_defs = {"double": signature_def(x=types_pb2.DT_FLOAT)}
+        self.signature_defs["double"].outputs["y"].name = "y:0"
+        self.signature_defs["double"].outputs["y"].dtype = types_pb2.DT_FLOAT
+        self.runs: list[int] = []
+        self.closed = False
+        self._gate = gate
+
+    def run(self, signature_name, inputs, output_aliases, timeout_ms):
+        if self._gate is not None:
+            self._gate.wait(10)
+        self.runs.append(len(inputs["x"]))
+        return [inputs["x"] * 2 for _ in output_aliases]
+
+    def run_multi(self, tasks, inputs, timeout_ms):
+        return [self.run(name, inputs, aliases, timeout_ms) for name, aliases in tasks]
+
+    def close(self) -> None:
+        self.closed = True

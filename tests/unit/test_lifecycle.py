@@ -1,0 +1,185 @@
+"""Version folders, version policies, and the manager's availability-preserving loads and unloads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from helpers import DoublingServable
+
+from pyserving.errors import Code, ServingError
+from pyserving.lifecycle.manager import ModelManager, RetryPolicy, State, VersionSpec
+from pyserving.lifecycle.model_config import ModelConfig, VersionPolicy
+from pyserving.lifecycle.sources import FileSystemSource, aspired_versions, list_versions, parse_version
+
+
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [
+        ("1", 1),
+        ("00000123", 123),
+        ("+7", 7),
+        (" 8 ", 8),
+        ("x1", None),
+        ("-1", None),
+        ("1.5", None),
+        ("٣", None),
+        (str(2**63), None),
+        (str(2**63 - 1), 2**63 - 1),
+    ],
+)
+def test_version_folder_names(name, version):
+    assert parse_version(name) == version
+
+
+def test_list_versions_and_policies(tmp_path):
+    for name in ("1", "00000002", "10", "notes", "3"):
+        (tmp_path / name).mkdir()
+    found = list_versions("m", str(tmp_path))
+    assert sorted(found) == [1, 2, 3, 10]
+    assert found[2] == str(tmp_path / "00000002")
+    assert aspired_versions(found, VersionPolicy()) == [10]
+    assert aspired_versions(found, VersionPolicy("latest", num_versions=2)) == [10, 3]
+    assert aspired_versions(found, VersionPolicy("all")) == [10, 3, 2, 1]
+    assert aspired_versions(found, VersionPolicy("specific", versions=(2, 7))) == [2]
+    assert list_versions("m", str(tmp_path / "missing")) is None
+
+
+class _Loads:
+    """A loader of DoublingServables that fails the versions it is told to, counting attempts."""
+
+    def __init__(self, failing: set[int] = frozenset()) -> None:
+        self.failing = set(failing)
+        self.attempts: dict[int, int] = {}
+        self.servables: dict[int, DoublingServable] = {}
+
+    def __call__(self, spec: VersionSpec) -> DoublingServable:
+        self.attempts[spec.version] = self.attempts.get(spec.version, 0) + 1
+        if spec.version in self.failing:
+            raise ServingError(Code.NOT_FOUND, f"no model at {spec.path}")
+        self.servables[spec.version] = DoublingServable()
+        return self.servables[spec.version]
+
+
+def _manager(loader, retries: int = 0) -> ModelManager:
+    return ModelManager(loader, RetryPolicy(retries, 0.01), load_threads=2, unload_threads=1)
+
+
+def _aspire(manager: ModelManager, name: str, *versions: int) -> None:
+    manager.set_aspired(name, {v: VersionSpec(name, v, f"/models/{name}/{v}", "tensorflow") for v in versions})
+
+
+def _states(manager: ModelManager, name: str) -> list[tuple[int, State]]:
+    return [(s.version, s.state) for s in manager.status(name)]
+
+
+def _wait(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_new_version_replaces_the_old_one_once_available():
+    loads = _Loads()
+    manager = _manager(loads)
+    _aspire(manager, "m", 1)
+    assert manager.wait_settled(["m"]) == []
+    lease = manager.lease("m")
+    assert (lease.version, lease.servable) == (1, loads.servables[1])
+    _aspire(manager, "m", 2)
+    _wait(lambda: _states(manager, "m") == [(2, State.AVAILABLE), (1, State.UNLOADING)])
+    assert not loads.servables[1].closed  # a request still holds version 1
+    lease.release()
+    _wait(lambda: _states(manager, "m") == [(2, State.AVAILABLE), (1, State.END)])
+    assert loads.servables[1].closed
+    assert manager.lease("m").version == 2
+    manager.unload_all()
+
+
+def test_a_failed_version_never_takes_the_serving_one_down():
+    loads = _Loads(failing={2})
+    manager = _manager(loads, retries=2)
+    _aspire(manager, "m", 1)
+    manager.wait_settled(["m"])
+    _aspire(manager, "m", 2)
+    failures = manager.wait_settled(["m"])
+    assert [(name, status.version, status.error.message) for name, status in failures] == [
+        ("m", 2, "no model at /models/m/2")
+    ]
+    assert loads.attempts[2] == 3  # one attempt and two retries
+    assert _states(manager, "m") == [(2, State.END), (1, State.AVAILABLE)]
+    assert manager.lease("m").version == 1
+    manager.unload_all()
+
+
+def test_lookup_errors_are_tf_servings():
+    manager = _manager(_Loads())
+    _aspire(manager, "m", 1)
+    manager.wait_settled(["m"])
+    cases = [
+        (dict(name=""), Code.INVALID_ARGUMENT, "ModelSpec has no name specified."),
+        (dict(name="m", version=2), Code.NOT_FOUND, "Servable not found for request: Specific(m, 2)"),
+        (dict(name="x"), Code.NOT_FOUND, "Servable not found for request: Latest(x)"),
+        (dict(name="m", label="stable"), Code.INVALID_ARGUMENT, "Unrecognized servable version label: stable"),
+    ]
+    for kwargs, code, message in cases:
+        with pytest.raises(ServingError) as info:
+            manager.lease(**kwargs)
+        assert (info.value.code, info.value.message) == (code, message)
+    with pytest.raises(ServingError) as info:
+        manager.status("x")
+    assert info.value.message == "Could not find any versions of model x"
+    manager.unload_all()
+
+
+def test_labels_may_point_only_at_available_versions_unless_allowed():
+    manager = _manager(_Loads())
+    _aspire(manager, "m", 1, 2)
+    manager.wait_settled(["m"])
+    manager.set_labels({"m": {"stable": 1, "canary": 2}}, allow_unavailable=False)
+    assert manager.lease("m", label="canary").version == 2
+    with pytest.raises(ServingError) as info:
+        manager.set_labels({"m": {"stable": 3}}, allow_unavailable=False)
+    assert info.value.message == (
+        "Request to assign label to version 3 of model m, which is not currently available for inference"
+    )
+    assert manager.lease("m", label="stable").version == 1  # all or nothing: the old labels stay
+    manager.set_labels({"m": {"next": 3}}, allow_unavailable=True)  # a new label may wait for its version
+    manager.set_labels({"m": {"stable": 1}}, allow_unavailable=False)
+    with pytest.raises(ServingError):  # but a label in use may not move to a version that cannot serve
+        manager.set_labels({"m": {"stable": 3}}, allow_unavailable=True)
+    assert manager.lease("m", label="stable").version == 1
+    manager.unload_all()
+
+
+def test_the_source_feeds_the_manager_from_folders(tmp_path):
+    (tmp_path / "1").mkdir()
+    loads = _Loads()
+    manager = _manager(loads)
+    source = FileSystemSource(manager, poll_wait_s=0)
+    config = ModelConfig("m", str(tmp_path), VersionPolicy("all"), platform="tensorflow")
+    source.set_models([config])
+    source.wait_for_versions(config)
+    manager.wait_settled(["m"])
+    assert _states(manager, "m") == [(1, State.AVAILABLE)]
+    (tmp_path / "2").mkdir()
+    source.set_models([ModelConfig("m", str(tmp_path), VersionPolicy("latest"), platform="tensorflow")])
+    _wait(lambda: _states(manager, "m") == [(2, State.AVAILABLE), (1, State.END)])
+    source.set_models([])  # the model is no longer configured: everything unloads
+    _wait(lambda: _states(manager, "m") == [(2, State.END), (1, State.END)])
+    manager.unload_all()
+
+
+def test_unload_waits_for_the_last_lease():
+    manager = _manager(_Loads())
+    _aspire(manager, "m", 1)
+    manager.wait_settled(["m"])
+    lease = manager.lease("m")
+    _aspire(manager, "m")
+    released = threading.Timer(0.3, lease.release)
+    released.start()
+    _wait(lambda: _states(manager, "m") == [(1, State.END)])
+    assert not released.is_alive()  # END came only after the release
+    manager.unload_all()
