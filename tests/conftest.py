@@ -5,8 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import HALF_PLUS_TWO, Server
+from helpers import Server
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def start_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def half_plus_two(start_server) -> Server:
-    return start_server("--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
+    return start_server("--model_name=half_plus_two", f"--model_base_path={helpers.HALF_PLUS_TWO}")
 
 
 @pytest.fixture()

@@ -5,6 +5,8 @@ Test modules import from here (and from `models`), never from each other.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ import grpc
 import numpy as np
 import requests
 import tensorflow as tf
+import tf_serving_models
 from google.protobuf import text_format
 from tensorflow_serving.apis import (
     model_management_pb2,
@@ -29,11 +33,38 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "tf_serving"
-if not TESTDATA.is_dir():  # a checkout whose shared/ sits elsewhere can point at it
-    TESTDATA = Path(os.environ.get("PYSERVING_TESTDATA", TESTDATA))
-HALF_PLUS_TWO = TESTDATA / "saved_model_half_plus_two_cpu"
 START_TIMEOUT_S = 90
+# What the server logs while it waits for a base path that does not exist (TF Serving waits too).
+_MISSING_MODEL = "Could not find base path"
+
+
+def _shared_testdata() -> Path | None:
+    """TF Serving's own test files, when a `shared/` folder sits beside the checkout (the cross-check tier only)."""
+    path = Path(
+        os.environ.get("PYSERVING_TESTDATA", Path(__file__).resolve().parents[2] / "shared" / "testdata" / "tf_serving")
+    )
+    return path if path.is_dir() else None
+
+
+SHARED_TESTDATA = _shared_testdata()
+
+
+@functools.cache
+def _exported_models() -> Path:
+    """The tests' copy of TF Serving's test models, exported once per test process (a few seconds)."""
+    root = Path(tempfile.mkdtemp(prefix="pyserving-test-models-"))
+    atexit.register(shutil.rmtree, root, True)
+    return tf_serving_models.export_testdata(root)
+
+
+def __getattr__(name: str) -> Path:
+    """`MODELS` (a tree laid out like TF Serving's testdata folder) and `HALF_PLUS_TWO` (its TF1
+    half_plus_two base path) are exported on first use, so tests that need no model pay nothing."""
+    if name == "MODELS":
+        return _exported_models()
+    if name == "HALF_PLUS_TWO":
+        return _exported_models() / "saved_model_half_plus_two_cpu"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def free_port() -> int:
@@ -79,7 +110,9 @@ class Server:
         self.rest = f"http://127.0.0.1:{rest_port}"
         self.grpc = f"127.0.0.1:{grpc_port}"
 
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> Server:
+    def wait_ready(self, timeout: float = START_TIMEOUT_S, model_may_be_missing: bool = False) -> Server:
+        """Wait for both ports; fail at once, with the server's log, if it exited or (unless the test
+        expects it) cannot find a model's base path."""
         deadline = time.monotonic() + timeout
         ports = [self.grpc_port] + ([self.rest_port] if self.rest_port else [])
         while time.monotonic() < deadline:
@@ -87,6 +120,8 @@ class Server:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             if all(_port_open(p) for p in ports):
                 return self
+            if not model_may_be_missing and _MISSING_MODEL in self.output():  # it would wait forever
+                raise RuntimeError(f"server cannot find its model:\n{self.output()}")
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
 
@@ -108,8 +143,10 @@ class Server:
         return self.proc.returncode
 
 
-def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "pyserving", *args], capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, timeout=120, program: str = ""):
+    """`python -m pyserving ARGS`, or with `program` an installed entry point (`tensorflow_model_server`)."""
+    command = [str(Path(sys.executable).parent / program)] if program else [sys.executable, "-m", "pyserving"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def predict_request(name="half_plus_two", values=(1.0, 2.0, 5.0), **spec) -> predict_pb2.PredictRequest:

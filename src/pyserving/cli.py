@@ -1,8 +1,10 @@
 """Entry point of `pyserving` and `tensorflow_model_server`.
 
-With `--flags` it is the server; `pyserving inspect|convert|warmup ...` runs a
-tool (`pyserving.tools`). Heavy imports (TensorFlow, gRPC) happen only after the
-arguments are parsed, so `--help` and `--version` answer at once.
+With `--flags` it is the server; `pyserving example|inspect|convert|warmup ...`
+runs a tool (`pyserving.tools`). Heavy imports (TensorFlow, gRPC) happen only
+after the arguments are parsed, so `--help` and `--version` answer at once.
+Called as `tensorflow_model_server`, `--help` prints exactly TF Serving's usage
+(and exits 255 as it does); as `pyserving`, it also lists the tools.
 """
 
 from __future__ import annotations
@@ -14,7 +16,24 @@ import sys
 
 from pyserving import __version__, flags, tools
 
+__all__ = ["main"]
+
 log = logging.getLogger("pyserving")
+
+TF_SERVING_PROGRAM = "tensorflow_model_server"
+
+
+def _program() -> str:
+    return TF_SERVING_PROGRAM if os.path.basename(sys.argv[0]) == TF_SERVING_PROGRAM else "pyserving"
+
+
+def _usage(program: str) -> str:
+    text = flags.usage(program)
+    if program != TF_SERVING_PROGRAM:
+        text += "\nCommands (`pyserving COMMAND --help` for each):\n" + "".join(
+            f"\t{name:<10}\t{tools.SUMMARIES[name]}\n" for name in tools.COMMANDS
+        )
+    return text
 
 
 def _configure_logging() -> None:
@@ -38,7 +57,7 @@ def _configure_tensorflow() -> None:
 
 
 def _tensorflow_version() -> str:
-    for dist in ("tensorflow-cpu", "tensorflow"):
+    for dist in ("tensorflow", "tensorflow-cpu"):
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -48,15 +67,21 @@ def _tensorflow_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    program = _program()
     if args and args[0] in tools.COMMANDS:
         return tools.main(args)
     try:
         parsed = flags.parse(args)
     except flags.UsageError as exc:
-        flags.exit_with_usage(str(exc))
+        if str(exc):
+            print(exc, file=sys.stderr)
+        sys.stdout.write(_usage(program))
+        sys.stdout.flush()
+        # TF Serving exits 255 even for --help.
+        return 0 if not str(exc) and program != TF_SERVING_PROGRAM else 255
     options = parsed.options
     if parsed.unknown:
-        sys.stdout.write(f"unknown argument: {parsed.unknown[0]}\n{flags.usage()}")
+        sys.stdout.write(f"unknown argument: {parsed.unknown[0]}\n{_usage(program)}")
         sys.stdout.flush()
     if options.version:
         print(f"TensorFlow ModelServer: {__version__}-pyserving")

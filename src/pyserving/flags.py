@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from pyserving.errors import Code, PyservingError, ServingError
 
-__all__ = ["Options", "ParseResult", "UsageError", "exit_with_usage", "parse", "usage"]
+__all__ = ["Options", "ParseResult", "UsageError", "parse", "usage"]
 
 INT32 = "int32"
 INT64 = "int64"
@@ -26,7 +25,8 @@ _CPUS = os.cpu_count() or 1
 
 
 def _flag(default: Any, kind: str, help: str, *, pending: str = "") -> Any:
-    """A flag field. `pending` says why a flag that is accepted is not honoured (or which issue will)."""
+    """A flag field. `pending` says why a flag that is accepted has no effect, in the README's words:
+    "planned: ..." (a later release implements it), "not supported" or "not applicable: ..." (why)."""
     return field(default=default, metadata={"kind": kind, "help": help, "pending": pending})
 
 
@@ -49,13 +49,13 @@ class Options:
     model_base_path: str = _flag("", "string", "Path to export (ignored if --model_config_file is set)")
     saved_model_tags: str = _flag("serve", "string", "Comma-separated set of tags of the MetaGraphDef to load")
     prefer_tflite_model: bool = _flag(
-        False, "bool", "EXPERIMENTAL: prefer model.tflite over saved_model.pb", pending="not planned (TFLite runtime)"
+        False, "bool", "EXPERIMENTAL: prefer model.tflite over saved_model.pb", pending="planned: the TFLite runtime"
     )
     num_tflite_pools: int = _flag(
-        _CPUS, INT32, "EXPERIMENTAL: TFLite interpreter pools per session", pending="not planned (TFLite runtime)"
+        _CPUS, INT32, "EXPERIMENTAL: TFLite interpreter pools per session", pending="planned: the TFLite runtime"
     )
     num_tflite_interpreters_per_pool: int = _flag(
-        1, INT32, "EXPERIMENTAL: TFLite interpreters per pool", pending="not planned (TFLite runtime)"
+        1, INT32, "EXPERIMENTAL: TFLite interpreters per pool", pending="planned: the TFLite runtime"
     )
     enable_signature_method_name_check: bool = _flag(
         False, "bool", "Require predict/classify/regress APIs to match the signature's method_name"
@@ -66,15 +66,15 @@ class Options:
     )
     model_config_file_poll_wait_seconds: int = _flag(0, INT32, "Re-read --model_config_file every N seconds (0 = once)")
     file_system_poll_wait_seconds: int = _flag(1, INT32, "Seconds between polls of the base path for new versions")
-    platform_config_file: str = _flag("", "string", "Text-format PlatformConfigMap", pending="not planned")
+    platform_config_file: str = _flag("", "string", "Text-format PlatformConfigMap", pending="not supported")
     allow_version_labels_for_unavailable_models: bool = _flag(
         False, "bool", "Allow assigning a new label to a version that is not yet available"
     )
     tensorflow_session_config_file: str = _flag(
-        "", "string", "Text-format TF ConfigProto for sessions", pending="not planned"
+        "", "string", "Text-format TF ConfigProto for sessions", pending="not supported"
     )
     thread_pool_factory_config_file: str = _flag(
-        "", "string", "Text-format ThreadPoolFactoryConfig", pending="not planned"
+        "", "string", "Text-format ThreadPoolFactoryConfig", pending="not supported"
     )
     # Loading and unloading
     num_load_threads: int = _flag(0, INT32, "Threads for loading versions after the initial load (0 = serial)")
@@ -82,13 +82,13 @@ class Options:
     max_num_load_retries: int = _flag(5, INT32, "Retries after a failed load (0 = one attempt)")
     load_retry_interval_micros: int = _flag(60_000_000, INT64, "Wait between load retries in microseconds")
     flush_filesystem_caches: bool = _flag(
-        True, "bool", "Flush filesystem caches after loads", pending="not applicable (no TF filesystem cache to flush)"
+        True, "bool", "Flush filesystem caches after loads", pending="not applicable: no TF file-system cache to flush"
     )
     remove_unused_fields_from_bundle_metagraph: bool = _flag(
         True,
         "bool",
         "Strip unneeded MetaGraphDef fields after load",
-        pending="not applicable (pyserving keeps only the signatures)",
+        pending="not applicable: pyserving keeps only the signatures",
     )
     # Batching
     enable_batching: bool = _flag(False, "bool", "Batch concurrent requests")
@@ -99,28 +99,26 @@ class Options:
     # Monitoring and profiling
     monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig")
     enable_profiler: bool = _flag(
-        True, "bool", "Enable the TensorFlow profiler service", pending="not planned (no TF profiler service)"
+        True, "bool", "Enable the TensorFlow profiler service", pending="planned: the profiler service on the gRPC port"
     )
     # Security
     ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS")
-    use_alts_credentials: bool = _flag(False, "bool", "Use Google ALTS credentials", pending="not planned")
+    use_alts_credentials: bool = _flag(False, "bool", "Use Google ALTS credentials", pending="not supported")
     # Threading, performance, hardware
     tensorflow_session_parallelism: int = _flag(0, INT64, "Threads for TF sessions (0 = auto); sets intra and inter")
     tensorflow_intra_op_parallelism: int = _flag(0, INT64, "TF intra-op threads (0 = auto)")
     tensorflow_inter_op_parallelism: int = _flag(
         0, INT64, "TF inter-op threads (0 = auto: pyserving runs graphs without loops on the calling thread)"
     )
-    per_process_gpu_memory_fraction: float = _flag(
-        0.0, "float", "GPU memory fraction", pending="not planned (CPU build)"
-    )
-    xla_cpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:CPU JIT", pending="not planned")
-    xla_gpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:GPU JIT", pending="not planned")
-    mixed_precision: str = _flag("", "string", "Automatic mixed precision, e.g. bfloat16", pending="not planned")
+    per_process_gpu_memory_fraction: float = _flag(0.0, "float", "GPU memory fraction", pending="not supported")
+    xla_cpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:CPU JIT", pending="not supported")
+    xla_gpu_compilation_enabled: bool = _flag(False, "bool", "EXPERIMENTAL: XLA:GPU JIT", pending="not supported")
+    mixed_precision: str = _flag("", "string", "Automatic mixed precision, e.g. bfloat16", pending="not supported")
     enable_serialization_as_tensor_content: bool = _flag(
         False, "bool", "gRPC Predict responses use tensor_content instead of *_val fields"
     )
     skip_initialize_tpu: bool = _flag(
-        False, "bool", "Whether to skip auto initializing TPU", pending="not applicable (TPU builds only)"
+        False, "bool", "Whether to skip auto initializing TPU", pending="not applicable: TPU builds only"
     )
     # Warmup and misc
     enable_model_warmup: bool = _flag(True, "bool", "Replay assets.extra/tf_serving_warmup_requests at load")
@@ -193,7 +191,7 @@ class Options:
 
 
 class UsageError(PyservingError):
-    """A bad flag value or --help: print the usage and exit 255."""
+    """A bad flag value (the message says which) or --help (no message): print the usage."""
 
 
 @dataclass
@@ -261,11 +259,3 @@ def usage(program: str = "tensorflow_model_server") -> str:
         left = f"--{f.name}={default}"
         lines.append(f"\t{left:<33}\t{f.metadata['kind']}\t{f.metadata['help']}")
     return "\n".join(lines) + "\n"
-
-
-def exit_with_usage(message: str = "") -> NoReturn:
-    if message:
-        print(message, file=sys.stderr)
-    sys.stdout.write(usage())
-    sys.stdout.flush()
-    sys.exit(255)

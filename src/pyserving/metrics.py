@@ -18,6 +18,27 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+__all__ = [
+    "BATCH_INPUT_SIZE",
+    "BATCH_PADDING_SIZE",
+    "BATCH_PROCESSED_SIZE",
+    "BATCH_QUEUING_LATENCY",
+    "BATCH_WRAPPED_RUN_COUNT",
+    "CONTENT_TYPE",
+    "DEFAULT_PATH",
+    "LOAD_ATTEMPT_COUNT",
+    "LOAD_LATENCY",
+    "MODEL_WARMUP_LATENCY",
+    "MODEL_WARMUP_RECORDS_READ",
+    "REQUEST_COUNT",
+    "REQUEST_EXAMPLE_COUNTS",
+    "REQUEST_EXAMPLE_COUNT_TOTAL",
+    "REQUEST_LATENCY",
+    "RUNTIME_LATENCY",
+    "exposition",
+    "record_examples",
+]
+
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_PATH = "/monitoring/prometheus/metrics"
 

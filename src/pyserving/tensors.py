@@ -15,6 +15,8 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from pyserving.errors import invalid_argument
 
+__all__ = ["base_dtype", "dtype_of", "numpy_dtype", "to_ndarray", "to_ndarrays", "to_proto", "type_name"]
+
 _REF_OFFSET = 100
 # TensorShape's limit: a shape whose element count overflows int64 is invalid.
 _MAX_ELEMENTS = 2**63 - 1

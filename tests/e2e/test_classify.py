@@ -7,7 +7,7 @@ import base64
 import grpc
 import pytest
 import tensorflow as tf
-from helpers import HALF_PLUS_TWO, TESTDATA, post, write_config
+from helpers import HALF_PLUS_TWO, MODELS, post, write_config
 from models import COLORS, color_image, export_color_classifier
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -17,7 +17,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-TF2 = TESTDATA / "saved_model_half_plus_two_tf2_cpu"
+TF2 = MODELS / "saved_model_half_plus_two_tf2_cpu"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 
@@ -68,6 +68,7 @@ def example_input(*examples, context=None) -> input_pb2.Input:
 # -- REST ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_rest_classify_bytes_match_tf_serving(server):
     r = post(url(server), {"signature_name": "classify_x_to_y", "examples": [{"x": 1.0}, {"x": 2.0}]})
     assert r.status_code == 200
@@ -312,6 +313,7 @@ def multi_request(*tasks, request_input=None) -> inference_pb2.MultiInferenceReq
     return request
 
 
+@pytest.mark.smoke
 def test_grpc_multi_inference(stub):
     request = multi_request(
         ("half_plus_two", "classify_x_to_y", CLASSIFY_METHOD), ("half_plus_two", "regress_x_to_y2", REGRESS_METHOD)

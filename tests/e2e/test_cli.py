@@ -2,7 +2,7 @@
 
 import time
 
-from helpers import HALF_PLUS_TWO, TESTDATA, run_cli
+from helpers import HALF_PLUS_TWO, MODELS, run_cli
 
 
 def test_version_prints_both_lines_and_exits_zero():
@@ -14,16 +14,35 @@ def test_version_prints_both_lines_and_exits_zero():
 
 
 def test_help_prints_usage_to_stdout_and_exits_255():
-    result = run_cli("--help")
+    result = run_cli("--help", program="tensorflow_model_server")
     assert result.returncode == 255
     assert result.stdout.startswith("usage: tensorflow_model_server\nFlags:\n")
     assert "\t" + "--port=8500".ljust(33) + "\tint32\t" in result.stdout
     assert '\t--model_name="default"' in result.stdout
     assert "\t--per_process_gpu_memory_fraction=0.000000" in result.stdout
+    assert "Commands" not in result.stdout  # exactly TF Serving's usage
+
+
+def test_pyserving_help_also_lists_the_tools_and_each_tool_describes_itself():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: pyserving\nFlags:\n")
+    commands = result.stdout.split("\nCommands (`pyserving COMMAND --help` for each):\n")[1].splitlines()
+    assert [line.split()[0] for line in commands] == ["example", "inspect", "convert", "warmup"]
+    assert commands[0] == "\texample   \texport the getting-started model (half_plus_two) to serve"
+    for command, words in (
+        ("example", "y = 0.5 * x + 2"),
+        ("inspect", "nothing is loaded or run"),
+        ("convert", "renamed into <export_base>/<version>"),
+        ("warmup", "replay before"),
+    ):
+        help_text = run_cli(command, "--help")
+        assert help_text.returncode == 0
+        assert words in " ".join(help_text.stdout.split()), help_text.stdout
 
 
 def test_usage_lists_every_tensorflow_model_server_flag():
-    usage = run_cli("--help").stdout
+    usage = run_cli("--help", program="tensorflow_model_server").stdout
     names = [line.split("=", 1)[0].strip().lstrip("-") for line in usage.splitlines()[2:]]
     assert len(names) == 53  # TF Serving's 48 flags plus pyserving's 5 (host, grace, body limit, read timeout, TLS)
     for name in (
@@ -42,7 +61,7 @@ def test_usage_lists_every_tensorflow_model_server_flag():
 
 
 def test_bad_flag_value_prints_error_and_usage_and_exits_255():
-    result = run_cli("--port=abc", f"--model_base_path={HALF_PLUS_TWO}")
+    result = run_cli("--port=abc", f"--model_base_path={HALF_PLUS_TWO}", program="tensorflow_model_server")
     assert result.returncode == 255
     assert "Couldn't interpret value abc for flag port." in result.stderr
     assert result.stdout.startswith("usage: tensorflow_model_server")
@@ -88,14 +107,14 @@ def test_bad_model_fails_startup_with_clear_error():
         "--port=0",
         "--grpc_socket_path=/tmp/pyserving-bad.sock",
         "--model_name=bad",
-        f"--model_base_path={TESTDATA / 'bad_half_plus_two'}",
+        f"--model_base_path={MODELS / 'bad_half_plus_two'}",
         "--max_num_load_retries=0",
     )
     assert result.returncode == 255
     expected = (
         "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: "
         "{{name: bad version: 123} due to error: NOT_FOUND: Could not find SavedModel .pb or .pbtxt "
-        f"at supplied export directory path: {TESTDATA / 'bad_half_plus_two' / '00000123'}, }}"
+        f"at supplied export directory path: {MODELS / 'bad_half_plus_two' / '00000123'}, }}"
     )
     assert result.stdout.strip() == expected
 
@@ -104,7 +123,7 @@ def test_load_retries_follow_the_flags():
     started = time.monotonic()
     result = run_cli(
         "--model_name=bad",
-        f"--model_base_path={TESTDATA / 'bad_half_plus_two'}",
+        f"--model_base_path={MODELS / 'bad_half_plus_two'}",
         "--max_num_load_retries=2",
         "--load_retry_interval_micros=500000",
         "--port=0",
@@ -145,7 +164,7 @@ def test_unknown_saved_model_tags_fail_the_load():
 
 
 def test_unknown_argument_is_reported_and_startup_continues():
-    result = run_cli("--bogus=1", "--port=0", "--rest_api_port=0")
+    result = run_cli("--bogus=1", "--port=0", "--rest_api_port=0", program="tensorflow_model_server")
     assert result.stdout.startswith("unknown argument: --bogus=1\nusage: tensorflow_model_server\n")
     assert "Both server_options.model_base_path" in result.stdout  # it went on to start-up checks
     assert result.returncode == 255

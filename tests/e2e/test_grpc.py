@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from helpers import HALF_PLUS_TWO, TESTDATA, predict_request
+from helpers import HALF_PLUS_TWO, MODELS, predict_request
 from models import export_kitchen
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
@@ -28,6 +28,7 @@ def stub(channel):
     return prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
 
+@pytest.mark.smoke
 def test_predict_with_make_tensor_proto(stub):
     response = stub.Predict(predict_request(), timeout=30)
     y = response.outputs["y"]
@@ -61,6 +62,7 @@ def test_predict_specific_version_and_signature(stub):
     assert response.model_spec.signature_name == "regress_x2_to_y3"
 
 
+@pytest.mark.smoke
 def test_metadata_and_status(channel, stub):
     request = get_model_metadata_pb2.GetModelMetadataRequest()
     request.model_spec.name = "half_plus_two"
@@ -251,7 +253,7 @@ def test_strings_and_defaults_over_grpc(start_server, tmp_path):
 def test_omitted_input_uses_signature_defaults(start_server):
     # The TF2 test model's serving_default declares defaults {x: [0.0]}: TF Serving lets a client omit x.
     server = start_server(
-        "--model_name=tf2", f"--model_base_path={TESTDATA / 'saved_model_half_plus_two_tf2_cpu'}", rest=False
+        "--model_name=tf2", f"--model_base_path={MODELS / 'saved_model_half_plus_two_tf2_cpu'}", rest=False
     )
     with grpc.insecure_channel(server.grpc) as ch:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)

@@ -14,7 +14,7 @@ import requests
 import tensorflow as tf
 from helpers import (
     HALF_PLUS_TWO,
-    TESTDATA,
+    MODELS,
     Traffic,
     copy_version,
     counter_warmup,
@@ -36,16 +36,17 @@ from tensorflow_serving.apis import (
     prediction_log_pb2,
 )
 
-TWO_VERSIONS = TESTDATA / "saved_model_half_plus_two_2_versions"
-TF2 = TESTDATA / "saved_model_half_plus_two_tf2_cpu"
-THREE = TESTDATA / "saved_model_half_plus_three"
-COUNTER = TESTDATA / "saved_model_counter"
+TWO_VERSIONS = MODELS / "saved_model_half_plus_two_2_versions"
+TF2 = MODELS / "saved_model_half_plus_two_tf2_cpu"
+THREE = MODELS / "saved_model_half_plus_three"
+COUNTER = MODELS / "saved_model_counter"
 FAST_RETRIES = ("--max_num_load_retries=2", "--load_retry_interval_micros=300000")
 
 
 # -- config file ------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_config_file_serves_tf1_and_tf2_models_side_by_side(start_server, tmp_path):
     config = write_config(
         tmp_path / "models.config",
@@ -63,7 +64,7 @@ def test_config_file_serves_tf1_and_tf2_models_side_by_side(start_server, tmp_pa
 
 
 def test_good_model_config_from_tf_serving_testdata(start_server, tmp_path):
-    text = (TESTDATA / "good_model_config.txt").read_text()
+    text = (MODELS / "good_model_config.txt").read_text()
     text = text.replace("${TEST_HALF_PLUS_TWO_DIR}", str(HALF_PLUS_TWO))
     text = text.replace("${TEST_HALF_PLUS_THREE_DIR}", str(THREE))
     (tmp_path / "good.config").write_text(text)
@@ -100,7 +101,7 @@ def test_good_model_config_from_tf_serving_testdata(start_server, tmp_path):
 def test_bad_config_file_fails_start_up_with_tf_serving_message(tmp_path, text, message):
     path = tmp_path / "models.config"
     if text is None:
-        shutil.copy(TESTDATA / "bad_model_config.txt", path)
+        shutil.copy(MODELS / "bad_model_config.txt", path)
     else:
         path.write_text(text)
     result = run_cli(f"--model_config_file={path}", "--port=0", "--grpc_socket_path=" + str(tmp_path / "s"))
@@ -255,7 +256,7 @@ def test_reload_config_adds_relabels_and_removes_models(start_server, tmp_path):
 
         # A new model that cannot load: the reload says so, the others keep serving.
         with pytest.raises(grpc.RpcError) as error:
-            reload(channel, a_all, b, {"name": "bad", "path": TESTDATA / "bad_half_plus_two"})
+            reload(channel, a_all, b, {"name": "bad", "path": MODELS / "bad_half_plus_two"})
         assert error.value.code() == grpc.StatusCode.UNKNOWN
         assert error.value.details().startswith(
             "1 model(s) did not become available: {{{name: bad version: 123} due to error: NOT_FOUND: "
@@ -298,6 +299,7 @@ def test_config_file_polling_applies_good_configs_and_ignores_bad_ones(start_ser
 # -- hot loading --------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_versions_swap_under_traffic_without_a_failed_request(start_server, tmp_path):
     version_dir = HALF_PLUS_TWO / "00000123"
     base = tmp_path / "m"

@@ -1,4 +1,4 @@
-"""Every SavedModel in shared/testdata loads and answers, TF1 and TF2 alike."""
+"""TF1 and TF2 SavedModels load and answer: TF Serving's test models (as the tests export them) and others."""
 
 import re
 import shutil
@@ -9,26 +9,23 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from helpers import TESTDATA, post, run_cli
+from helpers import HALF_PLUS_TWO, MODELS, post, run_cli
 from models import export_wrapped_keras
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+# The variants only TF Serving's own files have (GPU, TensorRT, MKL, MLMD, saved_model_config) are
+# served in tests/crosscheck, where those files are present.
 HALF_PLUS_TWO_FAMILY = [
     "saved_model_half_plus_two_cpu",
     "saved_model_half_plus_two_2_versions",
     "saved_model_half_plus_two_tf2_cpu",
-    "saved_model_half_plus_two_gpu",
-    "saved_model_half_plus_two_gpu_trt",
-    "saved_model_half_plus_two_mkl",
-    "saved_model_half_plus_two_mlmd",
-    "saved_model_half_plus_two_cpu_with_saved_model_config",
-    "saved_model_half_plus_two_cpu_with_empty_saved_model_config",
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("folder", HALF_PLUS_TWO_FAMILY)
 def test_half_plus_two_variants(start_server, folder):
-    server = start_server("--model_name=m", f"--model_base_path={TESTDATA / folder}")
+    server = start_server("--model_name=m", f"--model_base_path={MODELS / folder}")
     r = post(server.rest + "/v1/models/m:predict", {"instances": [1.0, 2.0, 5.0]})
     assert r.status_code == 200, r.text
     assert r.json() == {"predictions": [2.5, 3.0, 4.5]}
@@ -36,20 +33,22 @@ def test_half_plus_two_variants(start_server, folder):
     assert requests.get(server.rest + "/v1/models/m").json()["model_version_status"][0]["version"] == newest
 
 
+@pytest.mark.smoke
 def test_half_plus_three(start_server):
-    server = start_server("--model_name=h3", f"--model_base_path={TESTDATA / 'saved_model_half_plus_three'}")
+    server = start_server("--model_name=h3", f"--model_base_path={MODELS / 'saved_model_half_plus_three'}")
     assert post(server.rest + "/v1/models/h3:predict", {"instances": [2.0]}).json() == {"predictions": [4.0]}
 
 
 def test_matrix_half_plus_two(start_server):
-    server = start_server("--model_name=matrix", f"--model_base_path={TESTDATA / 'batching' / 'matrix_half_plus_two'}")
+    server = start_server("--model_name=matrix", f"--model_base_path={MODELS / 'batching' / 'matrix_half_plus_two'}")
     matrix = np.arange(9, dtype=np.float32).reshape(3, 3)
     r = post(server.rest + "/v1/models/matrix:predict", {"instances": [matrix.tolist()]})
     assert r.json() == {"predictions": [(matrix * 0.5 + 2).tolist()]}
 
 
+@pytest.mark.smoke
 def test_stateful_counter_keeps_state(start_server):
-    server = start_server("--model_name=counter", f"--model_base_path={TESTDATA / 'saved_model_counter'}")
+    server = start_server("--model_name=counter", f"--model_base_path={MODELS / 'saved_model_counter'}")
     with grpc.insecure_channel(server.grpc) as ch:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
 
@@ -78,8 +77,8 @@ def test_missing_base_path_waits_then_serves(start_server, tmp_path):
         assert server.proc.poll() is None
         time.sleep(0.2)
     assert f"Could not find base path {base} for servable late" in server.output()
-    shutil.copytree(TESTDATA / "saved_model_half_plus_two_cpu", base)
-    server.wait_ready()
+    shutil.copytree(HALF_PLUS_TWO, base)
+    server.wait_ready(model_may_be_missing=True)
     assert post(server.rest + "/v1/models/late:predict", {"instances": [1.0]}).json() == {"predictions": [2.5]}
 
 
@@ -96,14 +95,14 @@ def test_base_path_without_versions_waits_with_warning(start_server, tmp_path):
 
 def test_sigterm_exits_zero_and_logs(start_server):
     server = start_server(
-        "--model_name=m", f"--model_base_path={TESTDATA / 'saved_model_half_plus_two_cpu'}", "--enable_profiler=false"
+        "--model_name=m", f"--model_base_path={MODELS / 'saved_model_half_plus_two_cpu'}", "--enable_profiler=false"
     )
     output = server.output()
     assert "Running gRPC ModelServer at 127.0.0.1:" in output
     assert "Exporting HTTP/REST API at:localhost:" in output
     assert (
         "Flag --enable_profiler is accepted but has no effect in this pyserving release "
-        "(not planned (no TF profiler service))."
+        "(planned: the profiler service on the gRPC port)."
     ) in output
     assert "Flag --port is accepted" not in output
     assert server.stop() == 0

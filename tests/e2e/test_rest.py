@@ -6,7 +6,7 @@ import re
 
 import pytest
 import requests
-from helpers import TESTDATA, post
+from helpers import MODELS, post
 
 
 def squash(text: str) -> str:
@@ -18,6 +18,7 @@ def url(half_plus_two):
     return half_plus_two.rest + "/v1/models/half_plus_two"
 
 
+@pytest.mark.smoke
 def test_seed_example(url):
     r = post(url + ":predict", '{"instances": [1.0, 2.0, 5.0]}')
     assert r.status_code == 200
@@ -92,6 +93,7 @@ def test_status_with_label_ignores_label(url):
     assert r.json()["model_version_status"][0]["state"] == "AVAILABLE"
 
 
+@pytest.mark.smoke
 def test_metadata_matches_tf_serving(url):
     r = requests.get(url + "/metadata")
     assert r.status_code == 200
@@ -99,7 +101,7 @@ def test_metadata_matches_tf_serving(url):
         '{\n"model_spec":{\n "name": "half_plus_two",\n "signature_name": "",\n'
         ' "version": "123"\n}\n,\n"metadata": {"signature_def": {\n'
     )
-    expected = json.loads((TESTDATA / "half_plus_two_model_metadata.json").read_text())
+    expected = json.loads((MODELS / "half_plus_two_model_metadata.json").read_text())
     expected["model_spec"]["name"] = "half_plus_two"
     assert r.json() == expected
 

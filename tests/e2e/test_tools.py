@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import HALF_PLUS_TWO, TESTDATA, get_counter, post, write_config
+from helpers import HALF_PLUS_TWO, MODELS, get_counter, post, write_config
 from models import COLORS, color_image
 from tensorflow_serving.apis import prediction_log_pb2
 
@@ -55,8 +55,9 @@ def tf1_model(tmp_path_factory) -> dict[str, Path]:
 # -- inspect ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_inspect_json_of_a_base_path():
-    description = json.loads(ok("inspect", str(TESTDATA / "saved_model_half_plus_two_2_versions"), "--json"))
+    description = json.loads(ok("inspect", str(MODELS / "saved_model_half_plus_two_2_versions"), "--json"))
     assert description["versions"] == [123, 124]
     assert description["signatures"]["serving_default"] == {
         "method_name": "tensorflow/serving/predict",
@@ -191,7 +192,7 @@ def test_convert_errors(tmp_path, tf1_model):
 
 def test_warmup_file_written_by_the_tool_is_replayed_at_load(start_server, tmp_path):
     base = tmp_path / "counter"
-    shutil.copytree(TESTDATA / "saved_model_counter", base)
+    shutil.copytree(MODELS / "saved_model_counter", base)
     requests_file = tmp_path / "warmup.json"
     requests_file.write_text(
         json.dumps(

@@ -95,3 +95,12 @@ def test_b64_objects():
 def test_error_body_layout():
     assert encode_error('bad "x"\n') == b'{\n    "error": "bad \\"x\\"\\n"\n}'
     assert encode_error("\x01") == b'{\n    "error": "\\u0001"\n}'  # rapidjson writes uppercase hex
+
+
+@pytest.mark.parametrize("depth", [1024, 5000, 100_000])
+@pytest.mark.parametrize("leaf", ["1", "NaN"])  # NaN takes the lenient parser
+def test_deep_nesting_is_refused_the_same_way_on_every_python(depth, leaf):
+    body = ('{"instances": ' + "[" * depth + leaf + "]" * depth + "}").encode()
+    assert _error(parse_object, body).message == (
+        "JSON Parse error: Terminate parsing due to Handler error. at offset: 0"
+    )

@@ -12,13 +12,23 @@ import shutil
 from dataclasses import dataclass
 
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from pyserving.errors import ServingError
 from pyserving.runtimes.servable import CLASSIFY_METHOD, PREDICT_METHOD, REGRESS_METHOD
 from pyserving.serving import classify_regress
 from pyserving.tools import ToolError
 from pyserving.tools.inspect import version_folders
+
+__all__ = [
+    "SignatureSpec",
+    "from_checkpoint",
+    "from_frozen_graph",
+    "next_version",
+    "parse_pairs",
+    "publish",
+    "set_method_names",
+]
 
 _METHODS = {"predict": PREDICT_METHOD, "classify": CLASSIFY_METHOD, "regress": REGRESS_METHOD}
 _SHAPES = {
@@ -121,6 +131,19 @@ def next_version(export_base: str) -> int:
     if not os.path.isdir(export_base):
         return 1
     return max(version_folders(export_base), default=0) + 1
+
+
+def set_method_names(folder: str, methods: dict[str, str]) -> None:
+    """Set signatures' method_name in a written SavedModel (`tf.saved_model.save` writes predict for all)."""
+    path = os.path.join(folder, "saved_model.pb")
+    saved_model = saved_model_pb2.SavedModel()
+    with open(path, "rb") as handle:
+        saved_model.ParseFromString(handle.read())
+    for meta_graph in saved_model.meta_graphs:
+        for signature_name, method_name in methods.items():
+            meta_graph.signature_def[signature_name].method_name = method_name
+    with open(path, "wb") as handle:
+        handle.write(saved_model.SerializeToString())
 
 
 def publish(staging: str, target: str) -> None:

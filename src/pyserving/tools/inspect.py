@@ -12,6 +12,8 @@ from pyserving.lifecycle.sources import parse_version, version_entries
 from pyserving.runtimes.tf_saved_model import SAVED_MODEL_FILES, read_signature_defs
 from pyserving.tools import ToolError
 
+__all__ = ["describe", "newest_version", "render", "version_folders"]
+
 
 def version_folders(base: str) -> dict[int, str]:
     """Numeric children of a base path, {version: folder}."""

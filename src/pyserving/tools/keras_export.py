@@ -27,10 +27,11 @@ import shutil
 from collections.abc import Sequence
 
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 
 from pyserving.runtimes.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE
-from pyserving.tools.convert import next_version, publish
+from pyserving.tools.convert import next_version, publish, set_method_names
+
+__all__ = ["export_classifier"]
 
 
 def export_classifier(
@@ -89,17 +90,6 @@ def export_classifier(
     archive.track(model)
     archive.add_endpoint(signature_name, classify)
     archive.write_out(staging, verbose=False)
-    _set_method_name(staging, signature_name, CLASSIFY_METHOD)
+    set_method_names(staging, {signature_name: CLASSIFY_METHOD})
     publish(staging, target)
     return target
-
-
-def _set_method_name(folder: str, signature_name: str, method_name: str) -> None:
-    path = os.path.join(folder, "saved_model.pb")
-    saved_model = saved_model_pb2.SavedModel()
-    with open(path, "rb") as handle:
-        saved_model.ParseFromString(handle.read())
-    for meta_graph in saved_model.meta_graphs:
-        meta_graph.signature_def[signature_name].method_name = method_name
-    with open(path, "wb") as handle:
-        handle.write(saved_model.SerializeToString())

@@ -29,6 +29,8 @@ from pyserving.serving import classify_regress
 from pyserving.tools import ToolError
 from pyserving.tools.inspect import newest_version
 
+__all__ = ["write"]
+
 
 def write(base_path: str, requests_file: str, version: int | None, tags: list[str]) -> tuple[str, int]:
     """Write the warmup file of `version` (default: newest); return its path and record count."""

@@ -23,6 +23,7 @@ from pyserving.protocols.tfs.json.writer import PrettyWriter, format_double, for
 __all__ = ["debug_string", "decode_b64", "encode_error", "is_b64", "json_type", "parse_object", "signature_name"]
 
 _DEBUG_LIMIT = 256
+_TOO_DEEP = "JSON Parse error: Terminate parsing due to Handler error. at offset: 0"
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -34,7 +35,10 @@ def parse_object(body: bytes) -> dict[str, Any]:
         raise invalid_argument("JSON Parse error: The document is empty")
     try:
         doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):  # orjson stops at 1024 levels
+            # Python 3.12+'s json would go deeper and leave the recursion to whatever walks the result.
+            raise invalid_argument(_TOO_DEEP) from None
         doc = _parse_lenient(body)
     if not isinstance(doc, dict):
         raise invalid_argument(f"JSON Value: {debug_string(doc)} Is not object")
@@ -70,7 +74,7 @@ def _parse_lenient(body: bytes) -> Any:
             f"JSON Parse error: Number too big to be stored in double. at offset: {offset}"
         ) from None
     except RecursionError:
-        raise invalid_argument("JSON Parse error: Terminate parsing due to Handler error. at offset: 0") from None
+        raise invalid_argument(_TOO_DEEP) from None
 
 
 def _rapidjson_error(exc: json.JSONDecodeError, text: str) -> str:
