@@ -41,6 +41,7 @@ def pyserving(*flags: str) -> Iterator[tuple[subprocess.Popen, int, int]]:
             "--host=127.0.0.1",
             f"--port={grpc_port}",
             f"--rest_api_port={rest_port}",
+            "--shutdown_delay_seconds=0",
             *flags,
         ],
         stderr=subprocess.DEVNULL,

@@ -91,6 +91,8 @@ class Server:
             "--host=127.0.0.1",
             f"--port={grpc_port}",
             f"--rest_api_port={rest_port}",
+            # Tests stop servers at once; the drain delay has tests of its own (which pass the flag again).
+            "--shutdown_delay_seconds=0",
             *args,
         ]
         log = open(log_path, "wb")

@@ -138,6 +138,19 @@ class Options:
     rest_api_enable_ssl: bool = _flag(
         False, "bool", "pyserving: serve REST over TLS with the --ssl_config_file certificates"
     )
+    rest_api_max_header_bytes: int = _flag(
+        64 * 1024, INT64, "pyserving: largest REST request head (request line and headers) accepted (431 beyond it)"
+    )
+    rest_api_max_header_count: int = _flag(
+        100, INT32, "pyserving: most headers a REST request may have (431 beyond it)"
+    )
+    shutdown_delay_seconds: int = _flag(
+        5,
+        INT32,
+        "pyserving: on SIGTERM/SIGINT, how long the server keeps accepting requests (with /readyz and gRPC health "
+        "already NOT_SERVING, and REST responses closing their connections) before the listeners close, so that "
+        "load balancers stop routing here first (Kubernetes endpoint propagation takes a few seconds)",
+    )
 
     def saved_model_tag_list(self) -> list[str]:
         return [t for t in self.saved_model_tags.split(",") if t]

@@ -3,9 +3,13 @@
 Order follows TF Serving: every initial model is loaded (or has failed, which
 aborts start-up) before any port opens, then gRPC starts, then REST. Unlike TF
 Serving, SIGTERM and SIGINT shut down gracefully: /readyz and the gRPC health
-service turn NOT_SERVING at once, the listeners refuse new requests, in-flight
+service turn NOT_SERVING at once; the listeners keep serving for
+`--shutdown_delay_seconds` (REST responses close their connections) so that load
+balancers stop routing here; then the listeners refuse new requests, in-flight
 ones finish within `--shutdown_grace_period_seconds`, models are unloaded and the
-process exits 0. A second signal exits at once.
+process exits 0. A second signal exits at once. SIGHUP reloads
+`--model_config_file` (as nginx reloads its configuration); without one it is
+logged and ignored.
 
 This module is the composition root: the only one that knows every layer.
 """
@@ -17,12 +21,13 @@ import gc
 import logging
 import os
 import signal
+import ssl
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import uvicorn
 import uvloop
 
 from pyserving import config_protos, metrics
@@ -108,10 +113,26 @@ def _monitoring(options: Options) -> str | None:
 
 
 def _tls(options: Options) -> Any:
-    """The `--ssl_config_file` SSLConfig message, or None."""
+    """The `--ssl_config_file` SSLConfig message, or None; `ServingError` naming the problem if its
+    certificates cannot be used (gRPC would only report that it failed to bind)."""
     if not options.ssl_config_file:
         return None
-    return config_protos.parse_file(options.ssl_config_file, config_protos.SSLConfig)
+    config: Any = config_protos.parse_file(options.ssl_config_file, config_protos.SSLConfig)
+    if config.client_verify and not config.custom_ca:
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"{options.ssl_config_file}: client_verify is true but custom_ca is empty; "
+            "client certificates cannot be verified without a CA",
+        )
+    try:
+        http.ssl_context(config.server_cert, config.server_key, config.custom_ca, config.client_verify)
+    except (ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"{options.ssl_config_file}: invalid server_cert, server_key or custom_ca ({reason})",
+        ) from None
+    return config
 
 
 def _request_threads(configured: int, options: Options) -> int:
@@ -157,25 +178,56 @@ async def _serve(server: _Server) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server)
 
     grpc_server, health = await _start_grpc(server)
     rest_server = None
     if options.rest_api_port:
         rest_server = await _start_rest(server)
+    lag_watch = asyncio.create_task(_watch_loop_lag())
 
     await stop.wait()
-    grace = max(options.shutdown_grace_period_seconds, 0)
-    log.info("Received shutdown signal; refusing new requests, draining in-flight ones (up to %d s)", grace)
+    delay, grace = max(options.shutdown_delay_seconds, 0), max(options.shutdown_grace_period_seconds, 0)
+    log.info("Received shutdown signal; not ready from now on, closing the listeners in %d s", delay)
     if health is not None:
         await health.shutdown()
+    if rest_server is not None:
+        rest_server.drain()
+    await asyncio.sleep(delay)
+    log.info("Closing the listeners; draining in-flight requests (up to %d s)", grace)
     drains = [grpc_server.stop(grace)]
     if rest_server is not None:
-        drains.append(http.stop(rest_server))
+        drains.append(rest_server.stop())
     await asyncio.gather(*drains)
+    lag_watch.cancel()
     if server.batcher is not None:
         server.batcher.stop()
     core.stop()
     log.info("Server stopped")
+
+
+def _on_sighup(server: _Server) -> None:
+    if not server.options.model_config_file:
+        log.info("SIGHUP ignored: there is no --model_config_file to reload")
+        return
+    log.info("SIGHUP: reloading %s", server.options.model_config_file)
+    asyncio.get_running_loop().run_in_executor(None, server.core.reload_config_file)
+
+
+_LAG_PERIOD_S = 0.1
+
+
+async def _watch_loop_lag() -> None:
+    """Export the event loop's lag: how late a timer fires, the worst of each second."""
+    worst, window_start = 0.0, time.monotonic()
+    while True:
+        expected = time.monotonic() + _LAG_PERIOD_S
+        await asyncio.sleep(_LAG_PERIOD_S)
+        now = time.monotonic()
+        worst = max(worst, now - expected)
+        if now - window_start >= 1.0:
+            metrics.EVENT_LOOP_LAG.set(worst)
+            worst, window_start = 0.0, now
 
 
 async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.GrpcHealth | None]:
@@ -215,7 +267,7 @@ async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.Grpc
     return grpc_server, health
 
 
-async def _start_rest(server: _Server) -> uvicorn.Server | None:
+async def _start_rest(server: _Server) -> http.Listener | None:
     """The HTTP listener with every HTTP protocol mounted; None (logged) if it cannot start, as TF Serving."""
     options = server.options
     if options.rest_api_port == options.port:
@@ -241,7 +293,11 @@ async def _start_rest(server: _Server) -> uvicorn.Server | None:
             router,
             options.host,
             options.rest_api_port,
-            read_timeout_s=max(options.rest_api_read_timeout_seconds, 1),
+            limits=http.HttpLimits(
+                read_timeout_s=max(options.rest_api_read_timeout_seconds, 1),
+                max_header_bytes=options.rest_api_max_header_bytes,
+                max_header_count=options.rest_api_max_header_count,
+            ),
             grace_s=max(options.shutdown_grace_period_seconds, 0),
             tls=http.ssl_context(tls.server_cert, tls.server_key, tls.custom_ca, tls.client_verify) if tls else None,
         )
@@ -249,4 +305,5 @@ async def _start_rest(server: _Server) -> uvicorn.Server | None:
         log.error("Failed to start HTTP Server at localhost:%d (%s)", options.rest_api_port, exc)
         return None
     log.info("Exporting HTTP/REST API at:localhost:%d ...", options.rest_api_port)
+    log.info("NET_LOG: Entering the event loop ...")  # TF Serving's line once REST serves; scripts wait for it
     return rest_server

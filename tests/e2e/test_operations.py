@@ -78,6 +78,19 @@ def test_prometheus_metrics_after_known_traffic(start_server, tmp_path):
     assert any(line.startswith("process_resident_memory_bytes ") for line in lines)
 
 
+def test_event_loop_lag_gauge(start_server, tmp_path):
+    config = tmp_path / "monitoring.config"
+    shutil.copy(Path(HALF_PLUS_TWO).parent / "monitoring_config.txt", config)
+    server = start_server(
+        "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}", f"--monitoring_config_file={config}"
+    )
+    time.sleep(1.2)  # the gauge holds the worst lag of each second
+    lines = metric_lines(server)
+    assert "# TYPE :pyserving:event_loop_lag_seconds gauge" in lines
+    [sample] = [line for line in lines if line.startswith(":pyserving:event_loop_lag_seconds ")]
+    assert 0 <= float(sample.split()[1]) < 0.5
+
+
 def test_metrics_endpoint_default_path_and_disabled(start_server, tmp_path):
     (tmp_path / "default.config").write_text("prometheus_config { enable: true }")
     (tmp_path / "off.config").write_text('prometheus_config { enable: false path: "/metrics" }')
@@ -358,6 +371,40 @@ def test_bad_ssl_config_fails_start_up(tmp_path):
         f"Failed to start server. Error: INVALID_ARGUMENT: Invalid protobuf file: '{tmp_path / 'ssl.config'}'"
         in result.stdout
     )
+
+
+def test_client_verify_without_a_ca_names_the_problem(tmp_path, pki):
+    config = _ssl_config(tmp_path / "ssl.config", {**pki, "ca": ""}, client_verify=True)
+    result = run_cli("--model_name=m", f"--model_base_path={HALF_PLUS_TWO}", f"--ssl_config_file={config}")
+    assert result.returncode == 255
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"Failed to start server. Error: INVALID_ARGUMENT: {config}: client_verify is true but custom_ca is empty; "
+        "client certificates cannot be verified without a CA"
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("broken", ["server_cert", "server_key", "mismatched_key"])
+def test_unusable_certificates_name_the_problem(tmp_path, pki, broken):
+    values = dict(pki)
+    if broken == "mismatched_key":
+        values["server_key"] = pki["client_key"]
+    else:
+        values[broken] = "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
+    config = _ssl_config(tmp_path / "ssl.config", values, client_verify=False)
+    result = run_cli("--model_name=m", f"--model_base_path={HALF_PLUS_TWO}", f"--ssl_config_file={config}")
+    assert result.returncode == 255
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(
+        f"Failed to start server. Error: INVALID_ARGUMENT: {config}: invalid server_cert, server_key or custom_ca ("
+    ), last
+    assert "Failed to bind" not in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_start_up_log_ends_with_tf_servings_event_loop_line(half_plus_two):
+    lines = [line for line in half_plus_two.output().splitlines() if "HTTP/REST API" in line or "event loop" in line]
+    assert lines[0].endswith("Exporting HTTP/REST API at:localhost:%d ..." % half_plus_two.rest_port)
+    assert lines[1].endswith("NET_LOG: Entering the event loop ...")
 
 
 # -- CORS and body limits -----------------------------------------------------------------------------

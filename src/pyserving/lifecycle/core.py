@@ -104,25 +104,31 @@ class ServerCore:
         return not self.draining and all(state == "AVAILABLE" for state in models.values()), models
 
     def _poll_config_file(self, period: int) -> None:
-        path = self._options.model_config_file
         while not self._stop.wait(period):
-            try:
-                proto = model_config.read_file(path)
-            except ServingError as exc:
-                log.error("Failed to read ModelServerConfig file: %s", exc.message)
-                continue
-            try:
-                if proto.WhichOneof("config") != "model_config_list":
-                    raise ServingError(
-                        Code.FAILED_PRECONDITION,
-                        "Cannot transition to requested config. It is only legal to transition "
-                        "from one ModelConfigList to another.",
-                    )
-                configs = model_config.from_proto(proto)
-                if configs != self._configs:
-                    self.reload(configs)
-            except ServingError as exc:
-                log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", exc)
+            self.reload_config_file()
+
+    def reload_config_file(self) -> None:
+        """Read `--model_config_file` again and apply it if it changed (the poller, SIGHUP). Failures are
+        logged and the running config stays."""
+        try:
+            proto = model_config.read_file(self._options.model_config_file)
+        except ServingError as exc:
+            log.error("Failed to read ModelServerConfig file: %s", exc.message)
+            return
+        try:
+            if proto.WhichOneof("config") != "model_config_list":
+                raise ServingError(
+                    Code.FAILED_PRECONDITION,
+                    "Cannot transition to requested config. It is only legal to transition "
+                    "from one ModelConfigList to another.",
+                )
+            configs = model_config.from_proto(proto)
+            if configs != self._configs:
+                self.reload(configs)
+        except ServingError as exc:
+            log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", exc)
+        except Exception:
+            log.exception("Reloading the model config file failed")
 
     def stop(self) -> None:
         """Stop polling, unload every version."""

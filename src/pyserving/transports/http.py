@@ -3,10 +3,17 @@
 Protocols are plain ASGI apps; `Router` sends each request to the first route
 whose path matches (TF Serving matches the still-encoded path with its query
 string, so routes do too) and answers everything else with a fixed not-found
-response. The transport adds what uvicorn lacks for a model server: a deadline
-for receiving a whole request (a client that sends half a request and goes quiet
-is disconnected) and one `writev` per response instead of one send for the head
-and one for the body.
+response. The transport adds what uvicorn lacks for a model server:
+- a deadline for receiving a whole request (a client that sends half a request and
+  goes quiet is disconnected);
+- limits on the request head (bytes and header count; 431 past them), checked as
+  the bytes arrive, so a client streaming an endless header costs nothing;
+- a lingering close: when a response is sent before the request body was read
+  (413), the rest of the body is read and discarded (bounded in bytes and time)
+  so that the client reads the answer instead of a connection reset;
+- a drain mode for shutdown: every response says `Connection: close`, so clients
+  move to other replicas while the listener still accepts;
+- one `writev` per response instead of one send for the head and one for the body.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -29,6 +37,8 @@ __all__ = [
     "ASGIApp",
     "BodyTooLarge",
     "ClientGone",
+    "HttpLimits",
+    "Listener",
     "Router",
     "header",
     "read_body",
@@ -36,7 +46,6 @@ __all__ = [
     "respond",
     "ssl_context",
     "start",
-    "stop",
 ]
 
 log = logging.getLogger("pyserving")
@@ -47,6 +56,20 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP client may send: time for a whole request, and the size of its head."""
+
+    read_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    max_header_count: int = 100
+
+
+# A lingering close reads and discards at most this much, for at most this long (nginx: 5 s).
+_LINGER_BYTES = 256 * 1024 * 1024
+_LINGER_S = 5.0
 
 
 class BodyTooLarge(Exception):
@@ -151,17 +174,34 @@ def ssl_context(cert_pem: str, key_pem: str, ca_pem: str = "", client_verify: bo
     return context
 
 
+@dataclass
+class Listener:
+    """A running HTTP listener; `drain` before `stop` to hand clients over gracefully."""
+
+    server: uvicorn.Server
+    _protocol: type[_HttpProtocol]
+
+    def drain(self) -> None:
+        """From now on every response closes its connection (the listener still accepts)."""
+        self._protocol.draining = True
+
+    async def stop(self) -> None:
+        """Refuse new connections, let in-flight requests finish (within the grace period), close."""
+        self.server.should_exit = True
+        await self.server.shutdown()
+
+
 async def start(
     app: ASGIApp,
     host: str,
     port: int,
     *,
-    read_timeout_s: float,
+    limits: HttpLimits,
     grace_s: float,
     tls: ssl.SSLContext | None = None,
-) -> uvicorn.Server:
-    """Serve `app` on host:port; `OSError` if the port cannot be bound. Stop it with `stop`."""
-    protocol = type("HttpProtocol", (_HttpProtocol,), {"read_timeout_s": read_timeout_s})
+) -> Listener:
+    """Serve `app` on host:port; `OSError` if the port cannot be bound."""
+    protocol = type("HttpProtocol", (_HttpProtocol,), {"limits": limits, "draining": False})
     config = uvicorn.Config(
         app,
         http=protocol,
@@ -191,47 +231,128 @@ async def start(
     # so set up the (disabled) lifespan that serve() would have created.
     server.lifespan = config.lifespan_class(config)
     await server.startup(sockets=[sock])
-    return server
-
-
-async def stop(server: uvicorn.Server) -> None:
-    """Refuse new connections, let in-flight requests finish (within the grace period), close."""
-    server.should_exit = True
-    await server.shutdown()
+    return Listener(server, protocol)
 
 
 class _HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for receiving each whole request (headers and body),
-    whose responses go out in one send().
+    """uvicorn's httptools protocol with the limits of `HttpLimits`, a lingering close, a drain mode,
+    and responses that go out in one send().
 
     uvicorn times out idle keep-alive connections but not a client that sends half a
     request and goes quiet; such a client would hold its connection (and a file
     descriptor) forever. The deadline is armed when a connection opens and when a
     request begins, and cleared once the request is complete.
+
+    httptools limits neither the size nor the number of headers, and it joins a
+    header's pieces as they arrive (quadratic in the header's size), so the head is
+    measured in `data_received`, before the parser sees the bytes.
     """
 
-    read_timeout_s = 30.0
+    limits = HttpLimits()
+    draining = False
     _deadline: asyncio.TimerHandle | None = None
+    _in_head = True  # between the start of a request and the end of its headers
+    _head_bytes = 0  # bytes received while in the head (they may include the start of the body)
+    _header_bytes = 0
+    _header_count = 0
+    _head_too_large = False
+    _request_complete = True
+    _discarded: int | None = None  # bytes discarded while lingering; None when not lingering
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_GatheringTransport(transport, self.loop))  # type: ignore[arg-type]
+        super().connection_made(_GatheringTransport(transport, self.loop, self))  # type: ignore[arg-type]
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarded is not None:
+            self._discarded += len(data)
+            if self._discarded > _LINGER_BYTES:
+                self._close_now()
+            return
+        if self._in_head:
+            if self._head_bytes > self.limits.max_header_bytes:
+                # The head received before this piece is already over the limit: answer without
+                # feeding the parser any more of it.
+                self._reject_head()
+                return
+            self._head_bytes += len(data)
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._request_complete = False
         self._arm()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4  # "name: value\r\n"
+        if self._header_count > self.limits.max_header_count or self._header_bytes > self.limits.max_header_bytes:
+            self._head_too_large = True
+            raise _HeadTooLarge()  # stops the parser; uvicorn answers through send_400_response
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._request_complete = True
+        self._in_head, self._head_bytes, self._header_bytes, self._header_count = True, 0, 0, 0
         super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._reject_head()
+        else:
+            super().send_400_response(msg)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
+    def _reject_head(self) -> None:
+        """431, then a lingering close (the client may still be sending its head)."""
+        limits = self.limits
+        log.warning(
+            "Request head over the limit of %d bytes or %d headers", limits.max_header_bytes, limits.max_header_count
+        )
+        body = orjson.dumps(
+            {
+                "error": f"Request header fields exceed the limit of {limits.max_header_bytes} bytes "
+                f"or {limits.max_header_count} headers"
+            }
+        )
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+
+    def linger(self) -> bool:
+        """Called by the transport on close: if the request was not read to its end, keep reading and
+        discarding it (bounded) so that the client receives the answer already written. True if lingering."""
+        if self._request_complete or self._discarded is not None:
+            return False
+        self._discarded = 0
+        self._disarm()
+        self._deadline = self.loop.call_later(_LINGER_S, self._close_now)
+        self.flow.resume_reading()
+        return True
+
+    def _close_now(self) -> None:
+        self._disarm()
+        transport = self.transport
+        if isinstance(transport, _GatheringTransport):
+            transport.close_now()
+        else:
+            transport.close()
+
     def _arm(self) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
+        self._deadline = self.loop.call_later(self.limits.read_timeout_s, self._timed_out)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -244,6 +365,10 @@ class _HttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
 class _GatheringTransport:
     """A connection's transport whose writes within one loop iteration leave as one writev.
 
@@ -252,12 +377,14 @@ class _GatheringTransport:
     was about a tenth of the event loop's time per small predict.
     """
 
-    __slots__ = ("_transport", "_loop", "_parts")
+    __slots__ = ("_transport", "_loop", "_parts", "_protocol", "_lingering")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, protocol: _HttpProtocol) -> None:
         self._transport = transport
         self._loop = loop
         self._parts: list[bytes] = []
+        self._protocol = protocol
+        self._lingering = False
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -275,8 +402,23 @@ class _GatheringTransport:
         self._transport.write_eof()
 
     def close(self) -> None:
+        """Close, or (when the request was not read to its end) half-close and linger."""
+        self._flush()
+        if self._lingering:
+            return
+        if self._protocol.linger():
+            self._lingering = True
+            if self._transport.can_write_eof():
+                self._transport.write_eof()
+            return
+        self._transport.close()
+
+    def close_now(self) -> None:
         self._flush()
         self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._lingering or self._transport.is_closing()
 
     def _flush(self) -> None:
         parts, self._parts = self._parts, []
