@@ -229,7 +229,8 @@ async def _start_rest(server: _Server) -> uvicorn.Server | None:
     router.route(operations.READYZ, operations.readiness(server.core.readiness), methods=["GET"])
     router.route(operations.OPENAPI, operations.openapi, methods=["GET"])
     if server.metrics_path is not None:
-        router.route(server.metrics_path, operations.metrics_app)
+        # One thread: scrapes queue behind each other instead of rendering side by side.
+        router.route(server.metrics_path, operations.metrics_app(worker_pool(1, "metrics")))
     pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
     settings = rest_api.RestSettings(
         options.rest_api_timeout_in_ms, options.rest_api_enable_cors_support, options.rest_api_max_body_bytes

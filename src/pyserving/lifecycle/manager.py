@@ -330,6 +330,11 @@ class ModelManager:
             record.leases += 1
         return Lease(self, record, record.servable)
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is (or was) a configured model, served or not."""
+        with self._lock:
+            return name in self._models
+
     def is_serving(self, name: str) -> bool:
         """Whether `name` has an AVAILABLE version."""
         with self._lock:
