@@ -418,7 +418,12 @@ def test_warmup_off_and_default_iterations(start_server, tmp_path, counters):
             [counter_warmup("no_such_signature")],
             'FAILED_PRECONDITION: Serving signature key "no_such_signature" not found.',
         ),
-        ([counter_warmup()] * 1001, "INVALID_ARGUMENT: Number of warmup records exceeds the maximum (1000) at "),
+        # To the end of the line: "...at <file>}, }" (saved_model_warmup_util.cc, load_servables_fast.cc).
+        (
+            [counter_warmup()] * 1001,
+            "INVALID_ARGUMENT: Number of warmup records exceeds the maximum (1000) at "
+            "{base}/00000123/assets.extra/tf_serving_warmup_requests}}, }}\n",
+        ),
     ],
 )
 def test_bad_warmup_fails_the_load(tmp_path, records, message):
@@ -439,7 +444,7 @@ def test_bad_warmup_fails_the_load(tmp_path, records, message):
     assert result.returncode == 255
     assert (
         "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: "
-        "{{name: counter version: 123} due to error: " + message
+        "{{{name: counter version: 123} due to error: " + message.format(base=base)
     ) in result.stdout
 
 

@@ -89,14 +89,14 @@ class ServerCore:
         self._configs = configs
         failures = self.manager.wait_settled(c.name for c in configs if c.name not in known)
         if failures:
-            ids = [
-                f"{{name: {name} version: {status.version}}} due to error: {status.error}" for name, status in failures
-            ]
-            if initial:
-                details = "".join(f"{i}, " for i in ids)
-                raise ServingError(Code.UNKNOWN, f"{len(ids)} servable(s) did not become available: {{{details}}}")
-            details = "".join(f"{{{i}}}, " for i in ids)
-            raise ServingError(Code.UNKNOWN, f"{len(ids)} model(s) did not become available: {{{details}}}")
+            # TF Serving's load_servables_fast.cc (initial) and server_core.cc (reload): each failure is
+            # "{" + "{name: N version: V}" + " due to error: " + status + "}, ", all of them inside "{...}".
+            details = "".join(
+                f"{{{{name: {name} version: {status.version}}} due to error: {status.error}}}, "
+                for name, status in failures
+            )
+            what = "servable(s)" if initial else "model(s)"
+            raise ServingError(Code.UNKNOWN, f"{len(failures)} {what} did not become available: {{{details}}}")
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """Ready when not shutting down and every configured model has an AVAILABLE version."""
