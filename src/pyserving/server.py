@@ -29,7 +29,7 @@ from pyserving import config_protos, metrics
 from pyserving.concurrency import worker_pool
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
-from pyserving.lifecycle.core import ServerCore, initial_configs
+from pyserving.lifecycle.core import ServerCore
 from pyserving.lifecycle.loader import LoaderChain
 from pyserving.lifecycle.manager import VersionSpec
 from pyserving.protocols import operations
@@ -125,7 +125,7 @@ def run(options: Options) -> int:
     warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
     try:
         server = _build(options)
-        server.core.start(initial_configs(options))
+        server.core.start(server.core.initial_configs())
     except ServingError as exc:
         print(f"Failed to start server. Error: {exc}", flush=True)
         return 255

@@ -4,7 +4,8 @@
 are checked before models are added; the initial config, and a reload, wait
 until the new models' versions have loaded or failed), runs the file-system
 source and, with `--model_config_file_poll_wait_seconds`, re-reads the config
-file. What a version is loaded with is the `Loader` it is given.
+file (on its own thread, and parsed only when it changed). What a version is
+loaded with is the `Loader` it is given.
 """
 
 from __future__ import annotations
@@ -15,23 +16,17 @@ import threading
 
 from tensorflow_serving.config import model_server_config_pb2
 
+from pyserving.concurrency import LoopGuard
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
 from pyserving.lifecycle import model_config
 from pyserving.lifecycle.manager import Loader, ModelManager, RetryPolicy
-from pyserving.lifecycle.model_config import ModelConfig
+from pyserving.lifecycle.model_config import ConfigFile, ModelConfig
 from pyserving.lifecycle.sources import FileSystemSource
 
-__all__ = ["ServerCore", "initial_configs"]
+__all__ = ["ServerCore"]
 
 log = logging.getLogger("pyserving")
-
-
-def initial_configs(options: Options) -> list[ModelConfig]:
-    """The models to serve at start-up: the config file if given, else the single-model flags."""
-    if options.model_config_file:
-        return model_config.from_proto(model_config.read_file(options.model_config_file))
-    return model_config.single_model(options.model_name, options.model_base_path)
 
 
 class ServerCore:
@@ -52,6 +47,15 @@ class ServerCore:
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._config_poller: threading.Thread | None = None
+        self.config_file = ConfigFile(options.model_config_file) if options.model_config_file else None
+        self._file_configs: list[ModelConfig] | None = None  # the config file's models, None if it is bad
+
+    def initial_configs(self) -> list[ModelConfig]:
+        """The models to serve at start-up: the config file if given, else the single-model flags."""
+        if self.config_file is None:
+            return model_config.single_model(self._options.model_name, self._options.model_base_path)
+        self._file_configs = model_config.from_proto(self.config_file.read())
+        return self._file_configs
 
     def start(self, configs: list[ModelConfig]) -> None:
         """Load the initial models (blocking); `ServingError` if any version fails."""
@@ -104,25 +108,37 @@ class ServerCore:
         return not self.draining and all(state == "AVAILABLE" for state in models.values()), models
 
     def _poll_config_file(self, period: int) -> None:
-        path = self._options.model_config_file
+        guard = LoopGuard("Polling the model config file")
         while not self._stop.wait(period):
-            try:
-                proto = model_config.read_file(path)
-            except ServingError as exc:
-                log.error("Failed to read ModelServerConfig file: %s", exc.message)
-                continue
-            try:
+            with guard:
+                self.poll_config_file()
+
+    def poll_config_file(self) -> None:
+        """One poll of `--model_config_file` (on the config-poll thread): parse it if it changed, then
+        apply its models unless they are what serves. An unchanged file is applied again when a reload
+        failed or a gRPC reload replaced it, as TF Serving does; a bad one changes nothing."""
+        if self.config_file is None:
+            return
+        try:
+            proto = self.config_file.read_if_changed()
+        except ServingError as exc:
+            self._file_configs = None
+            log.error("Failed to read ModelServerConfig file: %s", exc.message)
+            return
+        try:
+            if proto is not None:
+                self._file_configs = None
                 if proto.WhichOneof("config") != "model_config_list":
                     raise ServingError(
                         Code.FAILED_PRECONDITION,
                         "Cannot transition to requested config. It is only legal to transition "
                         "from one ModelConfigList to another.",
                     )
-                configs = model_config.from_proto(proto)
-                if configs != self._configs:
-                    self.reload(configs)
-            except ServingError as exc:
-                log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", exc)
+                self._file_configs = model_config.from_proto(proto)
+            if self._file_configs is not None and self._file_configs != self._configs:
+                self.reload(self._file_configs)
+        except ServingError as exc:
+            log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", exc)
 
     def stop(self) -> None:
         """Stop polling, unload every version."""
