@@ -1,15 +1,21 @@
-"""The one place where synchronous work (TensorFlow, JSON encoding) leaves the event loop."""
+"""The one place where synchronous work (TensorFlow, JSON encoding) leaves the event loop, and how
+background threads survive their failures.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from types import TracebackType
 from typing import Any, TypeVar
 
-__all__ = ["INLINE_BYTES", "run_sized", "run_sync", "worker_pool"]
+__all__ = ["INLINE_BYTES", "LoopGuard", "run_sized", "run_sync", "submit_logged", "worker_pool"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("pyserving")
 
 # Decoding or encoding a request or response up to about this many bytes runs on the event
 # loop (at most a few hundred microseconds, far less for json_numeric's arrays). A hand-off to
@@ -37,3 +43,48 @@ async def run_sized(pool: Executor, size: int, fn: Callable[..., T], *args: Any)
     if size <= INLINE_BYTES:
         return fn(*args)
     return await run_sync(pool, fn, *args)
+
+
+class LoopGuard:
+    """`with guard:` around one pass of a background loop: an exception ends that pass, not the thread.
+
+    It is logged with its traceback; the same failure again in the next passes (same type and
+    message) is logged in one line, so a loop that fails every second does not flood the log.
+    A pass that succeeds resets that memory.
+    """
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._last: tuple[type, str] | None = None
+
+    def __enter__(self) -> LoopGuard:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is None or exc_type is None:
+            self._last = None
+            return False
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to swallow
+            return False
+        key = (exc_type, str(exc))
+        if key == self._last:
+            log.error("%s failed again: %s: %s", self._what, exc_type.__name__, exc)
+        else:
+            log.error("%s failed; it goes on", self._what, exc_info=(exc_type, exc, tb))
+        self._last = key
+        return True
+
+
+def submit_logged(pool: Executor, what: str, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """`pool.submit(fn, *args)` whose exception, if any, is logged with its traceback (nobody waits on
+    the future of background work, so it would be lost otherwise)."""
+    future = pool.submit(fn, *args)
+    future.add_done_callback(lambda done: _log_failure(what, done))
+    return future
+
+
+def _log_failure(what: str, future: Future[Any]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error("%s failed", what, exc_info=(type(exc), exc, exc.__traceback__))

@@ -23,7 +23,15 @@ from google.protobuf import (
 from pyserving.errors import Code, ServingError, invalid_argument
 
 log = logging.getLogger("pyserving")
-__all__ = ["BatchingParameters", "MonitoringConfig", "PrometheusConfig", "SSLConfig", "parse_file"]
+__all__ = [
+    "BatchingParameters",
+    "MonitoringConfig",
+    "PrometheusConfig",
+    "SSLConfig",
+    "parse_bytes",
+    "parse_file",
+    "read_bytes",
+]
 
 M = TypeVar("M", bound=message.Message)
 
@@ -116,11 +124,24 @@ BatchingParameters: Any = _BATCHING["BatchingParameters"]
 
 def parse_file(path: str, message_class: type[M]) -> M:
     """Read a text-format proto file with TF Serving's errors (NOT_FOUND, `Invalid protobuf file`)."""
+    return parse_bytes(read_bytes(path), path, message_class)
+
+
+def read_bytes(path: str) -> bytes:
+    """A config file's bytes; NOT_FOUND as TF Serving says it if unreadable."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ServingError(Code.NOT_FOUND, f"{path}; {getattr(exc, 'strerror', None) or exc}") from None
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ServingError(Code.NOT_FOUND, f"{path}; {exc.strerror or exc}") from None
+
+
+def parse_bytes(data: bytes, path: str, message_class: type[M]) -> M:
+    """Parse the text-format bytes of the file at `path` (for the errors), as `parse_file` does."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ServingError(Code.NOT_FOUND, f"{path}; {exc}") from None
     parsed = message_class()
     try:
         text_format.Parse(text, parsed)

@@ -1,10 +1,15 @@
 """Prometheus metrics under TF Serving's names, labels and bucket layouts, exposed with prometheus-client.
 
 TF Serving's counters have no `_total` suffix (`:tensorflow:serving:request_count`),
-which prometheus-client's counter type would add; they are exported as untyped
-samples under their exact names so that existing dashboards and alerts keep
-working. Histograms are regular Prometheus histograms. Process metrics
-(CPU, memory, file descriptors) come from prometheus-client's ProcessCollector.
+which prometheus-client's counter type would add to their names; their samples are
+rendered under their exact names and their `# TYPE` line says `counter`, as TF
+Serving's exporter (util/prometheus_exporter.cc) writes for cumulative metrics.
+Histograms are regular Prometheus histograms. Process metrics (CPU, memory, file
+descriptors) come from prometheus-client's ProcessCollector.
+
+Rendering walks every series: `exposition` runs on a worker thread, never on the
+event loop. Label values that come from requests are bounded by the callers (a
+model that is not served counts under `UNKNOWN_MODEL`).
 """
 
 from __future__ import annotations
@@ -36,16 +41,30 @@ __all__ = [
     "REQUEST_EXAMPLE_COUNT_TOTAL",
     "REQUEST_LATENCY",
     "RUNTIME_LATENCY",
+    "UNKNOWN_MODEL",
     "exposition",
     "record_examples",
 ]
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_PATH = "/monitoring/prometheus/metrics"
+# The model_name of requests for a model that is not configured: one series for all of them, so that
+# client-chosen names never become labels (TF Serving labels them with whatever name the client sent).
+UNKNOWN_MODEL = ""
 
 
 def _exponential(scale: float, growth: float, count: int) -> list[float]:
     return [scale * growth**i for i in range(count)]
+
+
+class _Families(Collector):
+    """Metric families for prometheus-client's text renderer."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
 
 
 class _Counter:
@@ -58,12 +77,16 @@ class _Counter:
         with self._lock:
             self._values[label_values] += amount
 
-    def collect(self) -> Metric:
+    def render(self) -> bytes:
+        """`# TYPE <name> counter` and the samples under `name` itself (no `_total`)."""
+        # Rendered as an untyped family (its samples keep their names); only the header is TF Serving's.
         metric = Metric(self.name, self._help, "unknown")
         with self._lock:
-            for values, total in self._values.items():
-                metric.add_sample(self.name, dict(zip(self._labels, values, strict=True)), total)
-        return metric
+            values = list(self._values.items())
+        for label_values, total in values:
+            metric.add_sample(self.name, dict(zip(self._labels, label_values, strict=True)), total)
+        samples = generate_latest(_Families([metric])).split(b"\n", 2)[2]
+        return f"# HELP {self.name} {self._help}\n# TYPE {self.name} counter\n".encode() + samples
 
 
 class _Histogram:
@@ -81,16 +104,18 @@ class _Histogram:
             series[index] += 1
             series[-1] += value
 
-    def collect(self) -> HistogramMetricFamily:
+    def render(self) -> bytes:
         family = HistogramMetricFamily(self.name, self._help, labels=list(self._labels))
         with self._lock:
-            for values, series in self._series.items():
-                cumulative, buckets = 0, []
-                for bound, count in zip([f"{b:.6g}" for b in self._bounds] + ["+Inf"], series[:-1], strict=True):
-                    cumulative += count
-                    buckets.append((bound, cumulative))
-                family.add_metric(list(values), buckets, series[-1])
-        return family
+            copies = [(values, list(series)) for values, series in self._series.items()]
+        bounds = [f"{b:.6g}" for b in self._bounds] + ["+Inf"]
+        for values, series in copies:
+            cumulative, buckets = 0, []
+            for bound, count in zip(bounds, series[:-1], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(values), buckets, series[-1])
+        return generate_latest(_Families([family]))
 
 
 _LATENCY_US = _exponential(10, 1.8, 33)
@@ -185,14 +210,8 @@ _ALL: list[_Counter | _Histogram] = [
 ]
 
 
-class _Collector(Collector):
-    def collect(self) -> Iterator[Metric]:
-        for metric in _ALL:
-            yield metric.collect()
-
-
+# prometheus-client's own metrics: the process collector and pyserving's gauges.
 _REGISTRY = CollectorRegistry(auto_describe=False)
-_REGISTRY.register(_Collector())
 ProcessCollector(registry=_REGISTRY)
 
 # pyserving's own: how late the event loop runs a timer, the worst of the last second. A loop that
@@ -205,8 +224,8 @@ EVENT_LOOP_LAG = Gauge(
 
 
 def exposition() -> bytes:
-    """Every metric in the Prometheus text format."""
-    return generate_latest(_REGISTRY)
+    """Every metric in the Prometheus text format (walks every series: call it off the event loop)."""
+    return b"".join([metric.render() for metric in _ALL] + [generate_latest(_REGISTRY)])
 
 
 def record_examples(model: str, count: int) -> None:

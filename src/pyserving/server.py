@@ -34,7 +34,7 @@ from pyserving import config_protos, metrics
 from pyserving.concurrency import worker_pool
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
-from pyserving.lifecycle.core import ServerCore, initial_configs
+from pyserving.lifecycle.core import ServerCore
 from pyserving.lifecycle.loader import LoaderChain
 from pyserving.lifecycle.manager import VersionSpec
 from pyserving.protocols import operations
@@ -146,7 +146,7 @@ def run(options: Options) -> int:
     warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
     try:
         server = _build(options)
-        server.core.start(initial_configs(options))
+        server.core.start(server.core.initial_configs())
     except ServingError as exc:
         print(f"Failed to start server. Error: {exc}", flush=True)
         return 255
@@ -281,7 +281,8 @@ async def _start_rest(server: _Server) -> http.Listener | None:
     router.route(operations.READYZ, operations.readiness(server.core.readiness), methods=["GET"])
     router.route(operations.OPENAPI, operations.openapi, methods=["GET"])
     if server.metrics_path is not None:
-        router.route(server.metrics_path, operations.metrics_app)
+        # One thread: scrapes queue behind each other instead of rendering side by side.
+        router.route(server.metrics_path, operations.metrics_app(worker_pool(1, "metrics")))
     pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
     settings = rest_api.RestSettings(
         options.rest_api_timeout_in_ms, options.rest_api_enable_cors_support, options.rest_api_max_body_bytes

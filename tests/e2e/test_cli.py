@@ -114,8 +114,8 @@ def test_bad_model_fails_startup_with_clear_error():
     assert result.returncode == 255
     expected = (
         "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: "
-        "{{name: bad version: 123} due to error: NOT_FOUND: Could not find SavedModel .pb or .pbtxt "
-        f"at supplied export directory path: {MODELS / 'bad_half_plus_two' / '00000123'}, }}"
+        "{{{name: bad version: 123} due to error: NOT_FOUND: Could not find SavedModel .pb or .pbtxt "
+        f"at supplied export directory path: {MODELS / 'bad_half_plus_two' / '00000123'}}}, }}"
     )
     assert result.stdout.strip() == expected
 
@@ -159,7 +159,7 @@ def test_unknown_saved_model_tags_fail_the_load():
     assert result.returncode == 255
     assert result.stdout.startswith(
         "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become "
-        "available: {{name: m version: 123} due to error: "
+        "available: {{{name: m version: 123} due to error: "
     )
     assert "gpu" in result.stdout
 

@@ -296,6 +296,30 @@ def test_config_file_polling_applies_good_configs_and_ignores_bad_ones(start_ser
     assert post(f"{server.rest}/v1/models/b:predict", {"instances": [2.0]}).json() == {"predictions": [4.0]}
 
 
+def test_a_nul_byte_in_a_reloaded_base_path_is_refused_and_loading_goes_on(start_server, tmp_path):
+    base = tmp_path / "a"
+    base.mkdir()
+    copy_version(HALF_PLUS_TWO / "00000123", base, 123)
+    config = write_config(tmp_path / "models.config", {"name": "a", "path": base})
+    server = start_server(f"--model_config_file={config}", "--file_system_poll_wait_seconds=1")
+    with grpc.insecure_channel(server.grpc) as channel:
+        request = model_management_pb2.ReloadConfigRequest()
+        request.config.model_config_list.config.add(name="a", base_path=f"{base}\0x", model_platform="tensorflow")
+        with pytest.raises(grpc.RpcError) as error:
+            model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=60)
+        assert (error.value.code(), error.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Expected model a to have a base_path without NUL bytes; got base_path()={base}\\000x",
+        )
+        copy_version(HALF_PLUS_TWO / "00000123", base, 124)  # the fs-poll thread still loads new versions
+        wait_for(lambda: statuses(server, "a") == [(124, "AVAILABLE", "OK"), (123, "END", "OK")], what="a/124")
+        response = reload(channel, {"name": "a", "path": base}, {"name": "b", "path": THREE})  # a good one applies
+        assert response.status.error_code == 0
+        assert statuses(server, "b") == [(123, "AVAILABLE", "OK")]
+    ready = requests.get(f"{server.rest}/readyz", timeout=10)
+    assert (ready.status_code, ready.json()) == (200, {"ready": True, "models": {"a": "AVAILABLE", "b": "AVAILABLE"}})
+
+
 # -- hot loading --------------------------------------------------------------------------------------
 
 
@@ -418,7 +442,12 @@ def test_warmup_off_and_default_iterations(start_server, tmp_path, counters):
             [counter_warmup("no_such_signature")],
             'FAILED_PRECONDITION: Serving signature key "no_such_signature" not found.',
         ),
-        ([counter_warmup()] * 1001, "INVALID_ARGUMENT: Number of warmup records exceeds the maximum (1000) at "),
+        # To the end of the line: "...at <file>}, }" (saved_model_warmup_util.cc, load_servables_fast.cc).
+        (
+            [counter_warmup()] * 1001,
+            "INVALID_ARGUMENT: Number of warmup records exceeds the maximum (1000) at "
+            "{base}/00000123/assets.extra/tf_serving_warmup_requests}}, }}\n",
+        ),
     ],
 )
 def test_bad_warmup_fails_the_load(tmp_path, records, message):
@@ -439,7 +468,7 @@ def test_bad_warmup_fails_the_load(tmp_path, records, message):
     assert result.returncode == 255
     assert (
         "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: "
-        "{{name: counter version: 123} due to error: " + message
+        "{{{name: counter version: 123} due to error: " + message.format(base=base)
     ) in result.stdout
 
 

@@ -53,7 +53,7 @@ def test_prometheus_metrics_after_known_traffic(start_server, tmp_path):
             stub.Predict(predict_request(), timeout=30)
     lines = metric_lines(server)
     assert ':tensorflow:serving:request_count{model_name="half_plus_two",status="OK"} 6.0' in lines
-    assert ':tensorflow:serving:request_count{model_name="nope",status="NOT_FOUND"} 1.0' in lines
+    assert ':tensorflow:serving:request_count{model_name="",status="NOT_FOUND"} 1.0' in lines  # "nope" is not served
     assert ("# TYPE :tensorflow:serving:request_latency histogram") in lines
     latency = ':tensorflow:serving:request_latency_count{API="%s",entrypoint="%s",model_name="half_plus_two"} %s'
     assert latency % ("predict", "REST", "3.0") in lines
@@ -89,6 +89,38 @@ def test_event_loop_lag_gauge(start_server, tmp_path):
     assert "# TYPE :pyserving:event_loop_lag_seconds gauge" in lines
     [sample] = [line for line in lines if line.startswith(":pyserving:event_loop_lag_seconds ")]
     assert 0 <= float(sample.split()[1]) < 0.5
+
+
+def test_unknown_model_names_share_one_metric_label(start_server, tmp_path):
+    config = tmp_path / "monitoring.config"
+    config.write_text("prometheus_config { enable: true }")
+    server = start_server(
+        "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}", f"--monitoring_config_file={config}"
+    )
+    for _ in range(2):
+        assert post(server.rest + "/v1/models/half_plus_two:predict", {"instances": [1.0]}).status_code == 200
+    for i in range(40):  # distinct names, up to 4 KB (a URL has to fit the HTTP parser's limit)
+        name = f"unknown-{i}-" + "x" * (100 * i)
+        assert post(f"{server.rest}/v1/models/{name}:predict", {"instances": [1.0]}).status_code == 404
+    with grpc.insecure_channel(server.grpc, options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for i in range(40):  # up to 1 MB each
+            request = predict_request(name=f"unknown-{i}-" + "y" * (25_000 * i))
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Predict(request, timeout=30)
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as error:  # a served model's own errors keep its name
+            stub.Predict(predict_request(version=999), timeout=30)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    response = requests.get(server.rest + "/monitoring/prometheus/metrics", timeout=10)
+    lines = response.text.splitlines()
+    assert [line for line in lines if line.startswith(":tensorflow:serving:request_count")] == [
+        ':tensorflow:serving:request_count{model_name="half_plus_two",status="OK"} 2.0',
+        ':tensorflow:serving:request_count{model_name="",status="NOT_FOUND"} 80.0',
+        ':tensorflow:serving:request_count{model_name="half_plus_two",status="NOT_FOUND"} 1.0',
+    ]
+    assert not any("unknown-" in line for line in lines)
+    assert len(response.content) < 64 * 1024
 
 
 def test_metrics_endpoint_default_path_and_disabled(start_server, tmp_path):

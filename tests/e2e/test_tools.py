@@ -209,6 +209,41 @@ def test_warmup_file_written_by_the_tool_is_replayed_at_load(start_server, tmp_p
     assert get_counter(server, "counter") == 7.0
 
 
+def test_warmup_records_for_a_signature_without_inputs(start_server, tmp_path):
+    base = tmp_path / "counter"
+    shutil.copytree(MODELS / "saved_model_counter", base)
+    requests_file = tmp_path / "warmup.json"
+    requests_file.write_text(
+        json.dumps(
+            [
+                {"signature_name": "incr_counter"},
+                {"signature_name": "incr_counter", "inputs": {}},
+                {"signature_name": "incr_counter_by", "inputs": {"delta": 5.0}},
+            ]
+        )
+    )
+    out = ok("warmup", str(base), "--requests", str(requests_file))
+    written = base / "00000123" / "assets.extra" / "tf_serving_warmup_requests"
+    assert out.strip() == f"Wrote 3 warmup record(s) to {written}"
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(written))]
+    assert logs[0] == logs[1]
+    assert str(logs[0]) == (
+        'predict_log {\n  request {\n    model_spec {\n      name: "counter"\n'
+        '      signature_name: "incr_counter"\n    }\n  }\n}\n'
+    )
+    server = start_server("--model_name=counter", f"--model_base_path={base}")
+    assert get_counter(server, "counter") == 7.0  # replayed: +1, +1, +5
+    requests_file.write_text(json.dumps([{"signature_name": "incr_counter", "instances": [1.0]}]))
+    fails(
+        "warmup",
+        str(base),
+        "--requests",
+        str(requests_file),
+        message='request 0: signature "incr_counter" has no inputs: its request body must name none '
+        '(e.g. {"signature_name": "incr_counter"})',
+    )
+
+
 def test_warmup_examples_become_classify_and_regress_records(tmp_path):
     base = tmp_path / "m"
     shutil.copytree(HALF_PLUS_TWO, base)

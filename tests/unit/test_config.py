@@ -109,6 +109,10 @@ def test_model_config_file_values():
             "Expected model a to have an absolute path or URI; got base_path()=rel",
         ),
         (
+            'config { name: "a" base_path: "/a\\000b" model_platform: "tensorflow" }',
+            "Expected model a to have a base_path without NUL bytes; got base_path()=/a\\000b",
+        ),
+        (
             'config { name: "a" base_path: "/a" }',
             "Illegal setting neither ModelServerConfig::model_type (deprecated) nor ModelServerConfig::model_platform.",
         ),

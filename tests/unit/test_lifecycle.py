@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 from helpers import DoublingServable
 
+from pyserving import flags
 from pyserving.errors import Code, ServingError
+from pyserving.lifecycle import model_config
+from pyserving.lifecycle.core import ServerCore
 from pyserving.lifecycle.manager import ModelManager, RetryPolicy, State, VersionSpec
-from pyserving.lifecycle.model_config import ModelConfig, VersionPolicy
+from pyserving.lifecycle.model_config import ConfigFile, ModelConfig, VersionPolicy
 from pyserving.lifecycle.sources import FileSystemSource, aspired_versions, list_versions, parse_version
 
 
@@ -183,3 +187,92 @@ def test_unload_waits_for_the_last_lease():
     _wait(lambda: _states(manager, "m") == [(1, State.END)])
     assert not released.is_alive()  # END came only after the release
     manager.unload_all()
+
+
+# -- the model config file, polled ----------------------------------------------------------------------
+
+
+def _config_file(path, **models: str) -> str:
+    entries = "".join(
+        f'config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" }} '
+        for name, base in models.items()
+    )
+    path.write_text(f"model_config_list {{ {entries}}}")
+    return str(path)
+
+
+def _core(config_file: str, poll_s: int = 0, core_class: type[ServerCore] = ServerCore) -> ServerCore:
+    options = flags.Options()
+    options.model_config_file = config_file
+    options.model_config_file_poll_wait_seconds = poll_s
+    options.file_system_poll_wait_seconds = 1
+    options.max_num_load_retries = 0
+    core = core_class(options, lambda spec: DoublingServable())
+    core.start(core.initial_configs())
+    return core
+
+
+def test_config_file_is_parsed_again_only_when_its_bytes_change(tmp_path):
+    path = tmp_path / "models.config"
+    _config_file(path, a="/models/a")
+    config_file = ConfigFile(str(path))
+    assert [c.name for c in model_config.from_proto(config_file.read())] == ["a"]
+    assert (config_file.parses, config_file.read_if_changed(), config_file.read_if_changed()) == (1, None, None)
+    os.utime(path, ns=(time.time_ns() - 10**10, time.time_ns() - 10**10))  # touched: new mtime, same bytes
+    assert (config_file.read_if_changed(), config_file.parses) == (None, 1)
+    _config_file(path, a="/models/a", b="/models/b")
+    changed = config_file.read_if_changed()
+    assert changed is not None and [c.name for c in model_config.from_proto(changed)] == ["a", "b"]
+    assert (config_file.parses, config_file.read_if_changed()) == (2, None)
+    path.write_text("not a config")
+    with pytest.raises(ServingError) as info:
+        config_file.read_if_changed()
+    assert info.value.message == f"Invalid protobuf file: '{path}'"
+    assert (config_file.read_if_changed(), config_file.parses) == (None, 3)  # a bad file is not parsed again either
+    path.unlink()
+    with pytest.raises(ServingError) as info:
+        config_file.read_if_changed()
+    assert (info.value.code, info.value.message) == (Code.NOT_FOUND, f"{path}; No such file or directory")
+    path.write_text("not a config")  # back after it was gone: parsed, even with the bytes parsed last
+    with pytest.raises(ServingError):
+        config_file.read_if_changed()
+    assert config_file.parses == 4
+
+
+def test_a_polled_config_file_is_applied_when_it_changes(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name / "1").mkdir(parents=True)
+    path = tmp_path / "models.config"
+    core = _core(_config_file(path, a=tmp_path / "a"))
+    assert core.config_file is not None and core.config_file.parses == 1
+    core.poll_config_file()
+    core.poll_config_file()
+    assert core.config_file.parses == 1
+    _config_file(path, a=tmp_path / "a", b=tmp_path / "b")
+    core.poll_config_file()
+    assert core.config_file.parses == 2
+    assert core.readiness() == (True, {"a": "AVAILABLE", "b": "AVAILABLE"})
+    core.poll_config_file()
+    assert core.config_file.parses == 2
+    core.stop()
+
+
+def test_a_nul_byte_in_a_polled_base_path_keeps_the_old_config(tmp_path, caplog):
+    for name in ("a", "b"):
+        (tmp_path / name / "1").mkdir(parents=True)
+    path = tmp_path / "models.config"
+    core = _core(_config_file(path, a=tmp_path / "a"))
+    path.write_text(
+        f'model_config_list {{ config {{ name: "b" base_path: "{tmp_path}/b\\000x" model_platform: "tensorflow" }} }}'
+    )
+    core.poll_config_file()
+    core.poll_config_file()  # unchanged: not parsed, not logged again
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "PollFilesystemAndReloadConfig failed to ReloadConfig: INVALID_ARGUMENT: Expected model b to have a "
+        f"base_path without NUL bytes; got base_path()={tmp_path}/b\\000x"
+    ]
+    assert core.readiness() == (True, {"a": "AVAILABLE"})
+    _config_file(path, b=tmp_path / "b")  # a good config later is applied
+    core.poll_config_file()
+    assert core.readiness() == (True, {"b": "AVAILABLE"})
+    core.stop()

@@ -4,7 +4,8 @@
 are checked before models are added; the initial config, and a reload, wait
 until the new models' versions have loaded or failed), runs the file-system
 source and, with `--model_config_file_poll_wait_seconds`, re-reads the config
-file. What a version is loaded with is the `Loader` it is given.
+file (on its own thread, and parsed only when it changed). What a version is
+loaded with is the `Loader` it is given.
 """
 
 from __future__ import annotations
@@ -15,23 +16,17 @@ import threading
 
 from tensorflow_serving.config import model_server_config_pb2
 
+from pyserving.concurrency import LoopGuard
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
 from pyserving.lifecycle import model_config
 from pyserving.lifecycle.manager import Loader, ModelManager, RetryPolicy
-from pyserving.lifecycle.model_config import ModelConfig
+from pyserving.lifecycle.model_config import ConfigFile, ModelConfig
 from pyserving.lifecycle.sources import FileSystemSource
 
-__all__ = ["ServerCore", "initial_configs"]
+__all__ = ["ServerCore"]
 
 log = logging.getLogger("pyserving")
-
-
-def initial_configs(options: Options) -> list[ModelConfig]:
-    """The models to serve at start-up: the config file if given, else the single-model flags."""
-    if options.model_config_file:
-        return model_config.from_proto(model_config.read_file(options.model_config_file))
-    return model_config.single_model(options.model_name, options.model_base_path)
 
 
 class ServerCore:
@@ -50,8 +45,19 @@ class ServerCore:
         self._configs: list[ModelConfig] = []
         self.draining = False  # set on SIGTERM: not ready any more
         self._reload_lock = threading.Lock()
+        self._poll_lock = threading.Lock()  # the config-poll thread and SIGHUP
+        self._sighup_guard = LoopGuard("Reloading the model config file on SIGHUP")
         self._stop = threading.Event()
         self._config_poller: threading.Thread | None = None
+        self.config_file = ConfigFile(options.model_config_file) if options.model_config_file else None
+        self._file_configs: list[ModelConfig] | None = None  # the config file's models, None if it is bad
+
+    def initial_configs(self) -> list[ModelConfig]:
+        """The models to serve at start-up: the config file if given, else the single-model flags."""
+        if self.config_file is None:
+            return model_config.single_model(self._options.model_name, self._options.model_base_path)
+        self._file_configs = model_config.from_proto(self.config_file.read())
+        return self._file_configs
 
     def start(self, configs: list[ModelConfig]) -> None:
         """Load the initial models (blocking); `ServingError` if any version fails."""
@@ -89,14 +95,14 @@ class ServerCore:
         self._configs = configs
         failures = self.manager.wait_settled(c.name for c in configs if c.name not in known)
         if failures:
-            ids = [
-                f"{{name: {name} version: {status.version}}} due to error: {status.error}" for name, status in failures
-            ]
-            if initial:
-                details = "".join(f"{i}, " for i in ids)
-                raise ServingError(Code.UNKNOWN, f"{len(ids)} servable(s) did not become available: {{{details}}}")
-            details = "".join(f"{{{i}}}, " for i in ids)
-            raise ServingError(Code.UNKNOWN, f"{len(ids)} model(s) did not become available: {{{details}}}")
+            # TF Serving's load_servables_fast.cc (initial) and server_core.cc (reload): each failure is
+            # "{" + "{name: N version: V}" + " due to error: " + status + "}, ", all of them inside "{...}".
+            details = "".join(
+                f"{{{{name: {name} version: {status.version}}} due to error: {status.error}}}, "
+                for name, status in failures
+            )
+            what = "servable(s)" if initial else "model(s)"
+            raise ServingError(Code.UNKNOWN, f"{len(failures)} {what} did not become available: {{{details}}}")
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """Ready when not shutting down and every configured model has an AVAILABLE version."""
@@ -104,31 +110,46 @@ class ServerCore:
         return not self.draining and all(state == "AVAILABLE" for state in models.values()), models
 
     def _poll_config_file(self, period: int) -> None:
+        guard = LoopGuard("Polling the model config file")
         while not self._stop.wait(period):
-            self.reload_config_file()
+            with guard:
+                self.poll_config_file()
 
     def reload_config_file(self) -> None:
-        """Read `--model_config_file` again and apply it if it changed (the poller, SIGHUP). Failures are
-        logged and the running config stays."""
+        """SIGHUP: poll `--model_config_file` now (failures are logged; what serves stays)."""
+        with self._sighup_guard:
+            self.poll_config_file()
+
+    def poll_config_file(self) -> None:
+        """One poll of `--model_config_file` (the config-poll thread, SIGHUP): parse it if it changed, then
+        apply its models unless they are what serves. An unchanged file is applied again when a reload
+        failed or a gRPC reload replaced it, as TF Serving does; a bad one changes nothing."""
+        if self.config_file is None:
+            return
+        with self._poll_lock:
+            self._poll_config_file_once(self.config_file)
+
+    def _poll_config_file_once(self, config_file: ConfigFile) -> None:
         try:
-            proto = model_config.read_file(self._options.model_config_file)
+            proto = config_file.read_if_changed()
         except ServingError as exc:
+            self._file_configs = None
             log.error("Failed to read ModelServerConfig file: %s", exc.message)
             return
         try:
-            if proto.WhichOneof("config") != "model_config_list":
-                raise ServingError(
-                    Code.FAILED_PRECONDITION,
-                    "Cannot transition to requested config. It is only legal to transition "
-                    "from one ModelConfigList to another.",
-                )
-            configs = model_config.from_proto(proto)
-            if configs != self._configs:
-                self.reload(configs)
+            if proto is not None:
+                self._file_configs = None
+                if proto.WhichOneof("config") != "model_config_list":
+                    raise ServingError(
+                        Code.FAILED_PRECONDITION,
+                        "Cannot transition to requested config. It is only legal to transition "
+                        "from one ModelConfigList to another.",
+                    )
+                self._file_configs = model_config.from_proto(proto)
+            if self._file_configs is not None and self._file_configs != self._configs:
+                self.reload(self._file_configs)
         except ServingError as exc:
             log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", exc)
-        except Exception:
-            log.exception("Reloading the model config file failed")
 
     def stop(self) -> None:
         """Stop polling, unload every version."""

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from pyserving.concurrency import worker_pool
+from pyserving.concurrency import submit_logged, worker_pool
 from pyserving.errors import Code, ServingError, invalid_argument, not_found
 from pyserving.runtimes.servable import Servable
 
@@ -151,7 +151,7 @@ class ModelManager:
             record = _Version(VersionStatus(version, State.START), model.aspired[version])
             model.versions[version] = record
             log.info("Approving load for servable version {name: %s version: %d}", name, version)
-            self._load_pool.submit(self._load, name, record)
+            submit_logged(self._load_pool, f"Loading {name} version {version}", self._load, name, record)
         retiring = sorted(
             v for v, r in model.versions.items() if v not in model.aspired and r.status.state == State.AVAILABLE
         )
@@ -164,7 +164,7 @@ class ModelManager:
             record = model.versions[version]
             log.info("Quiescing servable version {name: %s version: %d}", name, version)
             record.status.state = State.UNLOADING
-            self._unload_pool.submit(self._unload, name, record)
+            submit_logged(self._unload_pool, f"Unloading {name} version {version}", self._unload, name, record)
         self._changed.notify_all()
 
     def _load(self, name: str, record: _Version) -> None:
@@ -329,6 +329,11 @@ class ModelManager:
                 raise not_found(f"Servable not found for request: {request}")
             record.leases += 1
         return Lease(self, record, record.servable)
+
+    def knows(self, name: str) -> bool:
+        """Whether `name` is (or was) a configured model, served or not."""
+        with self._lock:
+            return name in self._models
 
     def is_serving(self, name: str) -> bool:
         """Whether `name` has an AVAILABLE version."""

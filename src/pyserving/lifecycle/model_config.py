@@ -7,8 +7,10 @@ form the rest of the server sees.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from tensorflow_serving.config import file_system_storage_path_source_pb2, model_server_config_pb2
@@ -17,7 +19,7 @@ from pyserving import config_protos
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.runtimes import registry
 
-__all__ = ["ModelConfig", "VersionPolicy", "from_proto", "read_file", "single_model"]
+__all__ = ["ConfigFile", "ModelConfig", "VersionPolicy", "from_proto", "single_model"]
 
 log = logging.getLogger("pyserving")
 
@@ -48,9 +50,55 @@ def single_model(name: str, base_path: str) -> list[ModelConfig]:
     return [ModelConfig(name, os.path.abspath(base_path))]
 
 
-def read_file(path: str) -> model_server_config_pb2.ModelServerConfig:
-    """Parse a text-format ModelServerConfig file; `ServingError` if unreadable or unparsable."""
-    return config_protos.parse_file(path, model_server_config_pb2.ModelServerConfig)
+class ConfigFile:
+    """`--model_config_file`, parsed again only when its bytes changed.
+
+    A big config (millions of label entries) takes the text-format parser close to a minute, so a
+    poll first compares the file's identity (device, inode, size, mtime, ctime) with the last read,
+    and then the content's digest; either unchanged means no parse. A file modified within the
+    last seconds is digested again at the next poll (its mtime could still change without
+    showing), so no edit is missed. Not thread-safe: one poller.
+    """
+
+    _RECENT_NS = 2_000_000_000
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.parses = 0  # how many times the file was parsed (tests and logs)
+        self._identity: tuple[int, ...] | None = None
+        self._digest: bytes | None = None
+
+    def read(self) -> model_server_config_pb2.ModelServerConfig:
+        """Parse the file now; `ServingError` if unreadable or unparsable."""
+        config = self._read(force=True)
+        assert config is not None  # forced
+        return config
+
+    def read_if_changed(self) -> model_server_config_pb2.ModelServerConfig | None:
+        """The file's config if its bytes changed since the last read, else None (nothing parsed)."""
+        return self._read(force=False)
+
+    def _read(self, force: bool) -> model_server_config_pb2.ModelServerConfig | None:
+        try:
+            stat = os.stat(self.path)
+            identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            if not force and identity == self._identity:
+                return None
+            data = config_protos.read_bytes(self.path)
+        except (OSError, ServingError) as exc:  # gone or unreadable: whatever comes back is parsed
+            self._identity = self._digest = None
+            if isinstance(exc, ServingError):
+                raise
+            raise ServingError(Code.NOT_FOUND, f"{self.path}; {exc.strerror or exc}") from None
+        recent = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < self._RECENT_NS
+        self._identity = None if recent else identity
+        digest = hashlib.sha256(data).digest()  # releases the GIL on big files
+        if not force and digest == self._digest:
+            return None
+        self._digest = digest  # a file that does not parse is not parsed again until it changes
+        self.parses += 1
+        log.debug("Parsing %s (%d bytes)", self.path, len(data))
+        return config_protos.parse_bytes(data, self.path, model_server_config_pb2.ModelServerConfig)
 
 
 def from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[ModelConfig]:
@@ -64,6 +112,11 @@ def from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[ModelC
         if proto.name in seen:
             raise invalid_argument(f"Illegal to list model {proto.name} multiple times in config list")
         seen.add(proto.name)
+        if "\0" in proto.base_path:  # no file system takes one (TF Serving's C strings would end there)
+            shown = proto.base_path.replace("\0", "\\000")
+            raise invalid_argument(
+                f"Expected model {proto.name} to have a base_path without NUL bytes; got base_path()={shown}"
+            )
         if not os.path.isabs(proto.base_path) and "://" not in proto.base_path:
             raise invalid_argument(
                 f"Expected model {proto.name} to have an absolute path or URI; got base_path()={proto.base_path}"

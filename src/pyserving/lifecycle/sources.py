@@ -11,6 +11,7 @@ import os
 import threading
 import time
 
+from pyserving.concurrency import LoopGuard
 from pyserving.errors import Code, ServingError
 from pyserving.lifecycle.manager import ModelManager, VersionSpec
 from pyserving.lifecycle.model_config import ModelConfig, VersionPolicy
@@ -94,7 +95,7 @@ class FileSystemSource:
     one without version folders un-aspires everything, as in TF Serving.
     """
 
-    def __init__(self, manager: ModelManager, poll_wait_s: int) -> None:
+    def __init__(self, manager: ModelManager, poll_wait_s: float) -> None:
         self._manager = manager
         self._poll_wait_s = poll_wait_s
         self._models: dict[str, ModelConfig] = {}
@@ -152,10 +153,14 @@ class FileSystemSource:
             self._thread.start()
 
     def _run(self) -> None:
+        guards: dict[str, LoopGuard] = {}  # one per model: a failing one does not keep the others from polling
         while not self._stop.wait(self._poll_wait_s):
             with self._lock:
-                for config in list(self._models.values()):
-                    self._poll(config)
+                configs = list(self._models.values())
+                guards = {c.name: guards.get(c.name) or LoopGuard(f"Polling the versions of {c.name}") for c in configs}
+                for config in configs:
+                    with guards[config.name]:
+                        self._poll(config)
 
     def stop(self) -> None:
         self._stop.set()

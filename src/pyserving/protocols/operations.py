@@ -14,12 +14,14 @@ from __future__ import annotations
 import functools
 import importlib.resources
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from pyserving import metrics
+from pyserving.concurrency import run_sync
 from pyserving.transports import http
 from pyserving.transports.grpc import Service
 
@@ -48,8 +50,14 @@ def readiness(ready: Readiness) -> http.ASGIApp:
     return app
 
 
-async def metrics_app(scope: http.Scope, receive: http.Receive, send: http.Send) -> None:
-    await http.respond(send, 200, metrics.exposition(), [(b"content-type", metrics.CONTENT_TYPE)])
+def metrics_app(pool: Executor) -> http.ASGIApp:
+    """The Prometheus text format, rendered on `pool` (it walks every series; the loop keeps serving)."""
+
+    async def app(scope: http.Scope, receive: http.Receive, send: http.Send) -> None:
+        body = await run_sync(pool, metrics.exposition)
+        await http.respond(send, 200, body, [(b"content-type", metrics.CONTENT_TYPE)])
+
+    return app
 
 
 async def openapi(scope: http.Scope, receive: http.Receive, send: http.Send) -> None:

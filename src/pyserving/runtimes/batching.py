@@ -22,7 +22,6 @@ import asyncio
 import bisect
 import collections
 import itertools
-import logging
 import math
 import threading
 import time
@@ -35,14 +34,13 @@ import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from pyserving import metrics
+from pyserving.concurrency import LoopGuard
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.runtimes.servable import Servable
 
 __all__ = ["DEFAULT_THREAD_POOL", "BatchedServable", "Batcher", "BatchingOptions"]
 
 DEFAULT_THREAD_POOL = "batch_threads"
-
-log = logging.getLogger("pyserving")
 
 
 @dataclass(frozen=True)
@@ -269,29 +267,35 @@ class Batcher:
         return [task.future for task in tasks]
 
     def _work(self) -> None:
-        while True:
-            with self._changed:
-                while True:
-                    if self._stopping:
-                        return
-                    key, wait = self._next_ready()
-                    if key is not None:
-                        break
-                    self._changed.wait(None if wait == math.inf else wait)
-                queue = self._queues[key]
-                batch = queue.take()
-                if not queue.tasks:
-                    del self._queues[key]
-                    self._order.remove(key)
+        guard = LoopGuard(f"Batch thread {threading.current_thread().name}")  # it outlives any failure
+        running = True
+        while running:
+            with guard:
+                running = self._work_once()
+
+    def _work_once(self) -> bool:
+        """Wait for a ready batch and run it; False once the batcher stops."""
+        with self._changed:
+            while True:
+                if self._stopping:
+                    return False
+                key, wait = self._next_ready()
+                if key is not None:
+                    break
+                self._changed.wait(None if wait == math.inf else wait)
+            queue = self._queues[key]
+            batch = queue.take()
+            if not queue.tasks:
+                del self._queues[key]
+                self._order.remove(key)
+        try:
             batch = [task for task in batch if task.claim()]  # the rows of callers gone are dropped
-            if not batch:
-                continue
-            try:
-                outcomes = self._run(queue, batch)
-            except Exception:  # a batch thread must outlive any one batch
-                log.exception("Batch failed")
-                outcomes = [ServingError(Code.INTERNAL, "Batch failed")] * len(batch)
-            _settle(batch, outcomes)
+            if batch:
+                _settle(batch, self._run(queue, batch))
+        except Exception:  # nobody may wait forever: the batch's callers get the error
+            _fail(batch, ServingError(Code.INTERNAL, "Batch failed"))
+            raise
+        return True
 
     def _next_ready(self) -> tuple[tuple | None, float]:
         """The first queue (round robin) with a batch to run now, else how long until one is."""
@@ -365,9 +369,22 @@ def _settle(tasks: list[_Task], outcomes: list[Any]) -> None:
             pass
 
 
+def _fail(tasks: list[_Task], error: ServingError) -> None:
+    """After an unexpected error: complete every task not completed yet with `error`."""
+    for task in tasks:
+        try:
+            if task.loop is None or isinstance(task.future, Future):
+                if not task.future.done():
+                    _complete(task.future, error)
+            else:
+                task.loop.call_soon_threadsafe(_settle_on_loop, [(task.future, error)])
+        except Exception:  # a closed loop, a future completed meanwhile: nothing more to do for it
+            pass
+
+
 def _settle_on_loop(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for future, outcome in pairs:
-        if not future.cancelled():
+        if not future.done():
             _complete(future, outcome)
 
 

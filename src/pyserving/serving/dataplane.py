@@ -95,6 +95,11 @@ class DataPlane:
         lease = self._manager.lease(spec.name, spec.version, spec.label)
         return Target(spec.name, lease.version, lease.servable, lease)
 
+    def metric_label(self, name: str) -> str:
+        """`name` as a request metric's model_name: itself for a configured model, else one shared label
+        (a client must not be able to add label values, as many as it likes, to the metrics)."""
+        return name if self._manager.knows(name) else metrics.UNKNOWN_MODEL
+
     async def predict(
         self,
         target: Target,

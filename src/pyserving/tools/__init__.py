@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         "warmup",
         "Each body is decoded as the REST API would decode it, against the version's own signatures, and\n"
         "written to <version>/assets.extra/tf_serving_warmup_requests, which pyserving and TF Serving\n"
-        "replay before the version serves.",
+        "replay before the version serves. A signature without inputs (which REST cannot call) takes a\n"
+        'body that names none: {"signature_name": "incr_counter"}.',
     )
     warmup.add_argument("base_path", help="model base path")
     warmup.add_argument("--requests", required=True, help="JSON list of REST request bodies")

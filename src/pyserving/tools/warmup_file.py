@@ -4,7 +4,9 @@ Each body is decoded exactly as the REST API would decode it (against the
 version's own signatures), then written as a `PredictionLog` record to
 `<version>/assets.extra/tf_serving_warmup_requests`, a TFRecord file that
 TF Serving reads too. `examples` bodies become classify or regress records,
-whichever the signature's outputs (`classes`/`scores` or `outputs`) make it.
+whichever the signature's outputs (`classes`/`scores` or `outputs`) make it. A
+signature without inputs, which REST cannot call, takes a body that names none
+(`{"signature_name": "incr_counter"}`): its record is a PredictRequest without inputs.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def write(base_path: str, requests_file: str, version: int | None, tags: list[st
             records.append(_record(name, body, signatures).SerializeToString())
         except ServingError as exc:
             raise ToolError(f"request {index}: {exc.message}") from None
+        except ToolError as exc:
+            raise ToolError(f"request {index}: {exc}") from None
     path = os.path.join(folder, WARMUP_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tf.io.TFRecordWriter(path) as writer:
@@ -78,6 +82,14 @@ def _record(
             classify_regress.check_regress_signature(signature, method_name_check=False)
             request = log.regress_log.request
         request.input.CopyFrom(request_input)
+    elif not signature.inputs:
+        # The REST API cannot call such a signature (no input map), but a PredictRequest without inputs can.
+        if any(body.get(field) not in (None, {}, []) for field in ("inputs", "instances")):
+            raise ToolError(
+                f'signature "{key or DEFAULT_SIGNATURE}" has no inputs: its request body must name none '
+                '(e.g. {"signature_name": "' + (key or DEFAULT_SIGNATURE) + '"})'
+            )
+        request = log.predict_log.request
     else:
         decoded = predict_request.decode_predict(body, signature, key, orjson.dumps(body))
         request = log.predict_log.request

@@ -60,11 +60,18 @@ def _session_timeout_ms(remaining_s: float | None) -> int:
     return 1 << (millis - 1).bit_length()
 
 
-async def _unary(work: Awaitable[T], request: Any, context: grpc.aio.ServicerContext, api: str = "") -> T:
+async def _unary(
+    work: Awaitable[T],
+    request: Any,
+    context: grpc.aio.ServicerContext,
+    api: str = "",
+    dataplane: DataPlane | None = None,
+) -> T:
     """Await a handler's `work` on `request`; a ServingError becomes the RPC status.
 
-    With `api` (Predict, Classify, Regress) the call counts in request_count and,
-    when it succeeds, request_latency, as in TF Serving.
+    With `api` (Predict, Classify, Regress) and `dataplane` the call counts in request_count
+    (a model that is not configured under one shared label) and, when it succeeds,
+    request_latency, as in TF Serving.
     """
     started = time.perf_counter()
     code = Code.OK
@@ -75,11 +82,13 @@ async def _unary(work: Awaitable[T], request: Any, context: grpc.aio.ServicerCon
         await context.abort(exc.grpc_code, exc.grpc_message)
         raise  # abort raises; this keeps the type checker informed
     finally:
-        if api:
+        if api and dataplane is not None:
             model = request.model_spec.name
-            metrics.REQUEST_COUNT.inc(model, code.name)
-            if code == Code.OK:
+            if code == Code.OK:  # a configured model answered
+                metrics.REQUEST_COUNT.inc(model, code.name)
                 metrics.REQUEST_LATENCY.observe(model, api, "GRPC", value=(time.perf_counter() - started) * 1e6)
+            else:
+                metrics.REQUEST_COUNT.inc(dataplane.metric_label(model), code.name)
 
 
 def _spec(request: Any) -> ModelSpec:
@@ -98,7 +107,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> predict_pb2.PredictResponse:
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(self._predict(request, timeout_ms), request, context, "Predict")
+        return await _unary(self._predict(request, timeout_ms), request, context, "Predict", self._dataplane)
 
     async def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
         """The hot path: tensors converted inline when small, the session call off the loop."""
@@ -146,7 +155,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: classification_pb2.ClassificationRequest, context: grpc.aio.ServicerContext
     ) -> classification_pb2.ClassificationResponse:
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(run_sync(self._pool, self._classify, request, timeout_ms), request, context, "Classify")
+        return await _unary(
+            run_sync(self._pool, self._classify, request, timeout_ms), request, context, "Classify", self._dataplane
+        )
 
     def _classify(
         self, request: classification_pb2.ClassificationRequest, timeout_ms: int
@@ -159,7 +170,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: regression_pb2.RegressionRequest, context: grpc.aio.ServicerContext
     ) -> regression_pb2.RegressionResponse:
         timeout_ms = _session_timeout_ms(context.time_remaining())
-        return await _unary(run_sync(self._pool, self._regress, request, timeout_ms), request, context, "Regress")
+        return await _unary(
+            run_sync(self._pool, self._regress, request, timeout_ms), request, context, "Regress", self._dataplane
+        )
 
     def _regress(self, request: regression_pb2.RegressionRequest, timeout_ms: int) -> regression_pb2.RegressionResponse:
         response = regression_pb2.RegressionResponse()

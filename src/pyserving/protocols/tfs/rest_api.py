@@ -123,9 +123,11 @@ class RestApi:
             log.exception("Unexpected error handling %s %s", method, path)
             code, status = Code.INTERNAL, 500
             payload = encode_error(f"Internal error: {type(exc).__name__}: {exc}")
-        metrics.REQUEST_COUNT.inc(model, code.name)
-        if code == Code.OK:
+        if code == Code.OK:  # a configured model answered
+            metrics.REQUEST_COUNT.inc(model, code.name)
             metrics.REQUEST_LATENCY.observe(model, api, "REST", value=(time.perf_counter() - started) * 1e6)
+        else:
+            metrics.REQUEST_COUNT.inc(self._dataplane.metric_label(model), code.name)
         return status, payload
 
     def _route(self, method: str, path: str) -> tuple[str, str, Callable[[bytes], Awaitable[bytes]]]:
