@@ -50,6 +50,76 @@ def test_malformed_predict_bodies_get_a_400(half_plus_two, body, message):
         assert r.json()["error"]
 
 
+def _nested(depth: int, leaf: str = "1.0") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+_SIGNATURE_NAME_ERROR = " not formatted correctly. 'signature_name' key must be a string value."
+
+
+@pytest.mark.parametrize(
+    "verb, body, message",
+    [
+        (
+            "predict",
+            rb'{"instances": ["\ud800"]}',
+            "JSON Parse error: The surrogate pair in string is invalid. at offset: 16",
+        ),
+        # More than 64 dimensions: TF Serving decodes them, then Tensor::FromProto refuses the tensor.
+        ("predict", '{"instances": %s}' % _nested(65), "tensor parsing error: x"),
+        ("predict", '{"instances": %s}' % _nested(1023), "tensor parsing error: x"),
+        ("predict", '{"inputs": %s}' % _nested(500), "tensor parsing error: x"),
+        ("predict", '{"inputs": {"x": %s}}' % _nested(65), "tensor parsing error: x"),
+        (
+            "predict",
+            '{"signature_name": %s, "inputs": [1.0]}' % _nested(1000),
+            'JSON Value: {\n    "signature_name": ' + "[" * 232 + _SIGNATURE_NAME_ERROR,
+        ),
+        ("regress", '{"examples": %s}' % _nested(900), "Example must be JSON object but got JSON Array"),
+        (
+            "classify",
+            '{"examples": [{"x": %s}]}' % _nested(900),
+            "Feature: x has element with unexpected JSON type: Array",
+        ),
+        # Deeper than the parser's 1,024 levels.
+        (
+            "predict",
+            '{"instances": %s}' % _nested(1024),
+            "JSON Parse error: Terminate parsing due to Handler error. at offset: 0",
+        ),
+        # Integers beyond double range, as rapidjson refuses them (were OverflowError / 4,300-digit 500s).
+        (
+            "predict",
+            '{"instances": [1%s]}' % ("0" * 309),
+            "JSON Parse error: Number too big to be stored in double. at offset: 15",
+        ),
+        (
+            "predict",
+            '{"inputs": {"x": [-%s]}}' % ("9" * 5000),
+            "JSON Parse error: Number too big to be stored in double. at offset: 18",
+        ),
+        (
+            "predict",
+            '{"inputs": [NaN, 2%s]}' % ("0" * 308),
+            "JSON Parse error: Number too big to be stored in double. at offset: 17",
+        ),
+        (
+            "classify",
+            '{"examples": [{"x": 1%s}]}' % ("0" * 400),
+            "JSON Parse error: Number too big to be stored in double. at offset: 20",
+        ),
+        (
+            "regress",
+            '{"context": {"x": [%s]}, "examples": [{}]}' % ("7" * 310),
+            "JSON Parse error: Number too big to be stored in double. at offset: 19",
+        ),
+    ],
+)
+def test_hostile_json_gets_tf_servings_400(half_plus_two, verb, body, message):
+    r = post(f"{half_plus_two.rest}/v1/models/half_plus_two:{verb}", body)
+    assert (r.status_code, r.json()) == (400, {"error": message})
+
+
 @pytest.mark.parametrize(
     "path",
     [
