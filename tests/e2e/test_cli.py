@@ -44,7 +44,8 @@ def test_pyserving_help_also_lists_the_tools_and_each_tool_describes_itself():
 def test_usage_lists_every_tensorflow_model_server_flag():
     usage = run_cli("--help", program="tensorflow_model_server").stdout
     names = [line.split("=", 1)[0].strip().lstrip("-") for line in usage.splitlines()[2:]]
-    assert len(names) == 53  # TF Serving's 48 flags plus pyserving's 5 (host, grace, body limit, read timeout, TLS)
+    # TF Serving's 48 flags plus pyserving's 6 (host, grace, body limit, decoded tensor limit, read timeout, TLS)
+    assert len(names) == 54
     for name in (
         "grpc_socket_path",
         "rest_api_timeout_in_ms",

@@ -27,6 +27,7 @@ from pyserving.protocols.tfs.json.writer import PrettyWriter, format_double, for
 __all__ = ["debug_string", "decode_b64", "encode_error", "is_b64", "json_type", "parse_object", "signature_name"]
 
 _DEBUG_LIMIT = 256
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TOO_DEEP = "JSON Parse error: Terminate parsing due to Handler error. at offset: 0"
 
 
@@ -318,7 +319,7 @@ def _scalar_text(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        fits_float = not math.isfinite(value) or float(np.float32(value)) == value
+        fits_float = not math.isfinite(value) or (abs(value) <= _FLOAT32_MAX and float(np.float32(value)) == value)
         return format_float32(value) if fits_float else format_double(value)
     return json_string(value)
 
