@@ -13,7 +13,15 @@ import enum
 
 import grpc
 
-__all__ = ["Code", "PyservingError", "ServingError", "from_tf_error", "invalid_argument", "not_found"]
+__all__ = [
+    "INTERNAL_ERROR",
+    "Code",
+    "PyservingError",
+    "ServingError",
+    "from_tf_error",
+    "invalid_argument",
+    "not_found",
+]
 
 
 class Code(enum.IntEnum):
@@ -56,6 +64,9 @@ _HTTP_STATUS = {
 }
 
 _GRPC_MESSAGE_LIMIT = 1024
+# What a client gets for an exception that is not a ServingError (a bug): no Python class or text,
+# which the server log has with the traceback.
+INTERNAL_ERROR = "Internal error"
 
 
 class PyservingError(Exception):
@@ -80,10 +91,15 @@ class ServingError(PyservingError):
 
     @property
     def grpc_message(self) -> str:
-        """The message as TF Serving sends it over gRPC: cut at 1024 characters."""
-        if len(self.message) > _GRPC_MESSAGE_LIMIT:
-            return self.message[:_GRPC_MESSAGE_LIMIT] + "...TRUNCATED"
-        return self.message
+        """The message as TF Serving sends it over gRPC: cut at 1024 characters. Bytes that are not
+        UTF-8 (kept as lone surrogates, e.g. a request's string in TF's message) become U+FFFD, as
+        gRPC sends text."""
+        message = self.message
+        if not message.isascii():
+            message = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if len(message) > _GRPC_MESSAGE_LIMIT:
+            return message[:_GRPC_MESSAGE_LIMIT] + "...TRUNCATED"
+        return message
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

@@ -24,6 +24,26 @@ INT64 = "int64"
 _CPUS = os.cpu_count() or 1
 
 
+def _memory_bytes() -> int:
+    """The memory this process may use: the cgroup's limit when there is one, else the machine's RAM (0: unknown)."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as file:
+                text = file.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+            return int(text)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+# --max_decoded_tensor_bytes: 2 GiB, or a quarter of the memory if that is less.
+_MAX_DECODED_BYTES = min(2**31, _memory_bytes() // 4 or 2**31)
+
+
 def _flag(default: Any, kind: str, help: str, *, pending: str = "") -> Any:
     """A flag field. `pending` says why a flag that is accepted has no effect, in the README's words:
     "planned: ..." (a later release implements it), "not supported" or "not applicable: ..." (why)."""
@@ -131,6 +151,12 @@ class Options:
     )
     rest_api_max_body_bytes: int = _flag(
         64 * 1024 * 1024, INT64, "pyserving: largest REST request body accepted (413 beyond it)"
+    )
+    max_decoded_tensor_bytes: int = _flag(
+        _MAX_DECODED_BYTES,
+        INT64,
+        "pyserving: most bytes a request's input tensors may take once decoded, checked before they are built "
+        "(INVALID_ARGUMENT / 400 beyond it; 0 = no limit). Default: 2 GiB, or a quarter of the memory if less",
     )
     rest_api_read_timeout_seconds: int = _flag(
         30, INT32, "pyserving: time a REST client has to send a whole request before it is disconnected"

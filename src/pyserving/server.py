@@ -79,7 +79,9 @@ def _build(options: Options) -> _Server:
         options.enable_batching and options.enable_per_model_batching_parameters,
     )
     core = ServerCore(options, loader)
-    dataplane = DataPlane(core.manager, options.enable_signature_method_name_check)
+    dataplane = DataPlane(
+        core.manager, options.enable_signature_method_name_check, max(options.max_decoded_tensor_bytes, 0)
+    )
     if options.enable_model_warmup:
         iterations = options.num_request_iterations_for_warmup
 
@@ -234,7 +236,11 @@ async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.Grpc
     options = server.options
     pool = worker_pool(_request_threads(options.grpc_max_threads, options), "grpc")
     services = grpc_api.services(
-        server.dataplane, pool, options.enable_serialization_as_tensor_content, server.core.reload_proto
+        server.dataplane,
+        pool,
+        options.enable_serialization_as_tensor_content,
+        server.core.reload_proto,
+        max(options.max_decoded_tensor_bytes, 0),
     )
     health = None
     if options.enable_grpc_healthcheck_service:
@@ -285,7 +291,10 @@ async def _start_rest(server: _Server) -> http.Listener | None:
         router.route(server.metrics_path, operations.metrics_app(worker_pool(1, "metrics")))
     pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
     settings = rest_api.RestSettings(
-        options.rest_api_timeout_in_ms, options.rest_api_enable_cors_support, options.rest_api_max_body_bytes
+        options.rest_api_timeout_in_ms,
+        options.rest_api_enable_cors_support,
+        options.rest_api_max_body_bytes,
+        max(options.max_decoded_tensor_bytes, 0),
     )
     router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings), ignore_case=True)
     tls = server.tls if options.rest_api_enable_ssl else None

@@ -7,7 +7,7 @@ Strings are numpy object arrays of `bytes`, which is what a TF session takes and
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -15,11 +15,30 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from pyserving.errors import invalid_argument
 
-__all__ = ["base_dtype", "dtype_of", "numpy_dtype", "to_ndarray", "to_ndarrays", "to_proto", "type_name"]
+__all__ = [
+    "MAX_RANK",
+    "base_dtype",
+    "check_decoded_bytes",
+    "checked_shapes",
+    "decode",
+    "decoded_nbytes",
+    "dtype_of",
+    "numpy_dtype",
+    "to_ndarray",
+    "to_ndarrays",
+    "to_proto",
+    "type_name",
+]
 
 _REF_OFFSET = 100
-# TensorShape's limit: a shape whose element count overflows int64 is invalid.
+# TensorShape's limits: at most 64 dimensions, and an element count that fits int64.
+MAX_RANK = 64
 _MAX_ELEMENTS = 2**63 - 1
+# What one element of a DT_STRING tensor costs besides its bytes (a pointer in the object array).
+_POINTER_BYTES = 8
+# More than a 64-bit process can address (48-bit virtual addresses): TF cannot allocate such a tensor,
+# so Tensor::FromProto refuses it whatever --max_decoded_tensor_bytes says.
+_ADDRESSABLE_BYTES = 2**48
 
 # DataType -> (numpy dtype, TensorProto value field, TF's lowercase type name)
 _DTYPES: dict[int, tuple[np.dtype, str, str]] = {
@@ -74,14 +93,79 @@ def dtype_of(array: np.ndarray) -> int:
 
 def to_ndarray(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
     """Decode a TensorProto as TF's Tensor::FromProto does (short value lists repeat the last value)."""
+    return _decode(proto, name, _checked_shape(proto, name)[0])
+
+
+def to_ndarrays(protos: Mapping[str, tensor_pb2.TensorProto], max_bytes: int = 0) -> dict[str, np.ndarray]:
+    """A request's `inputs` map of TensorProtos, decoded (`checked_shapes`, then `decode`)."""
+    return decode(checked_shapes(protos, max_bytes)[0])
+
+
+# A request's inputs ready to decode: (alias, TensorProto, checked shape).
+Inputs = list[tuple[str, tensor_pb2.TensorProto, tuple[int, ...]]]
+
+
+def checked_shapes(protos: Mapping[str, tensor_pb2.TensorProto], max_bytes: int = 0) -> tuple[Inputs, int]:
+    """Each input with its shape, checked as Tensor::FromProto checks it, and the bytes decoding them all
+    takes (a compact tensor, with fewer values than its shape, expands). Nothing is allocated: inputs
+    that would take more than `max_bytes` (> 0) are refused here."""
+    inputs: Inputs = []
+    sizes = []
+    total = 0
+    for alias, proto in protos.items():
+        shape, size = _checked_shape(proto, alias)
+        if proto.dtype == types_pb2.DT_STRING:
+            size += sum(map(len, proto.string_val))
+        inputs.append((alias, proto, shape))
+        sizes.append((alias, shape, size))
+        total += size
+    if 0 < max_bytes < total:
+        check_decoded_bytes(sizes, max_bytes)
+    return inputs, total
+
+
+def decode(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The tensors of `checked_shapes`' inputs."""
+    return {alias: _decode(proto, alias, shape) for alias, proto, shape in inputs}
+
+
+def decoded_nbytes(array: np.ndarray) -> int:
+    """The bytes a decoded tensor takes: its buffer, plus the bytes of a string tensor's elements."""
+    if array.dtype == object:
+        return array.size * _POINTER_BYTES + sum(len(v) for v in array.flat if isinstance(v, bytes))
+    return array.nbytes
+
+
+def check_decoded_bytes(tensors: Iterable[tuple[str, Sequence[int], int]], max_bytes: int) -> None:
+    """INVALID_ARGUMENT when input tensors (name, shape, decoded bytes) together exceed `max_bytes` (> 0)."""
+    total = 0
+    for name, shape, size in tensors:
+        total += size
+        if total > max_bytes:
+            together = f" ({total} with the inputs before it)" if total != size else ""
+            raise invalid_argument(
+                f"Input tensor {name} of shape [{','.join(str(d) for d in shape)}] needs {size} bytes decoded"
+                f"{together}, over the limit of {max_bytes} bytes (--max_decoded_tensor_bytes)"
+            )
+
+
+def _checked_shape(proto: tensor_pb2.TensorProto, name: str) -> tuple[tuple[int, ...], int]:
+    """The shape, if TF's TensorShape::IsValid accepts it, the dtype is a value type and the tensor could
+    be allocated at all; and the bytes of its buffer (for strings, the pointers)."""
     entry = _DTYPES.get(proto.dtype)
-    if entry is None:
-        raise invalid_argument(f"tensor parsing error: {name}")
-    np_dtype, field, _ = entry
     shape = tuple([d.size for d in proto.tensor_shape.dim])
-    count = math.prod(shape)
-    if any(s < 0 for s in shape) or count > _MAX_ELEMENTS:
+    if entry is None or len(shape) > MAX_RANK or (shape and min(shape) < 0):
         raise invalid_argument(f"tensor parsing error: {name}")
+    count = math.prod(shape)
+    size = count * entry[0].itemsize
+    if count > _MAX_ELEMENTS or size > _ADDRESSABLE_BYTES:
+        raise invalid_argument(f"tensor parsing error: {name}")
+    return shape, size
+
+
+def _decode(proto: tensor_pb2.TensorProto, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    np_dtype, field, _ = _DTYPES[proto.dtype]
+    count = math.prod(shape)
     if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
         if len(proto.tensor_content) != count * np_dtype.itemsize:
             raise invalid_argument(f"tensor parsing error: {name}")
@@ -109,11 +193,6 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
     filled[:] = flat[-1] if flat.size else (b"" if proto.dtype == types_pb2.DT_STRING else 0)
     filled[: flat.size] = flat
     return filled.reshape(shape)
-
-
-def to_ndarrays(protos: Mapping[str, tensor_pb2.TensorProto]) -> dict[str, np.ndarray]:
-    """A request's `inputs` map of TensorProtos, decoded."""
-    return {alias: to_ndarray(proto, alias) for alias, proto in protos.items()}
 
 
 def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.TensorProto:

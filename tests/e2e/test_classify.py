@@ -165,7 +165,7 @@ def test_rest_keras_image_classifier(server):
             "regress",
             {"signature_name": 1, "examples": [{}]},
             400,
-            'JSON Value: {\n    "signature_name": 1,\n    "examples": [\n        {}\n    ]\n} not formatted correctly. '
+            'JSON Value: {\n    "signature_name": 1,\n    "examples": [{}]\n} not formatted correctly. '
             "'signature_name' key must be a string value.",
         ),
         ("classify", {"signature_name": "nope", "examples": [{}]}, 400, "No signature was found with the name: nope"),

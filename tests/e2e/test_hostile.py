@@ -15,7 +15,8 @@ import pytest
 import requests
 import tensorflow as tf
 from helpers import HALF_PLUS_TWO, Traffic, copy_version, post, predict_request, rss_mib, statuses, wait_for
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 PREDICT = "/v1/models/half_plus_two:predict"
 
@@ -48,6 +49,76 @@ def test_malformed_predict_bodies_get_a_400(half_plus_two, body, message):
         assert r.json() == {"error": message}
     else:
         assert r.json()["error"]
+
+
+def _nested(depth: int, leaf: str = "1.0") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+_SIGNATURE_NAME_ERROR = " not formatted correctly. 'signature_name' key must be a string value."
+
+
+@pytest.mark.parametrize(
+    "verb, body, message",
+    [
+        (
+            "predict",
+            rb'{"instances": ["\ud800"]}',
+            "JSON Parse error: The surrogate pair in string is invalid. at offset: 16",
+        ),
+        # More than 64 dimensions: TF Serving decodes them, then Tensor::FromProto refuses the tensor.
+        ("predict", '{"instances": %s}' % _nested(65), "tensor parsing error: x"),
+        ("predict", '{"instances": %s}' % _nested(1023), "tensor parsing error: x"),
+        ("predict", '{"inputs": %s}' % _nested(500), "tensor parsing error: x"),
+        ("predict", '{"inputs": {"x": %s}}' % _nested(65), "tensor parsing error: x"),
+        (
+            "predict",
+            '{"signature_name": %s, "inputs": [1.0]}' % _nested(1000),
+            'JSON Value: {\n    "signature_name": ' + "[" * 232 + _SIGNATURE_NAME_ERROR,
+        ),
+        ("regress", '{"examples": %s}' % _nested(900), "Example must be JSON object but got JSON Array"),
+        (
+            "classify",
+            '{"examples": [{"x": %s}]}' % _nested(900),
+            "Feature: x has element with unexpected JSON type: Array",
+        ),
+        # Deeper than the parser's 1,024 levels.
+        (
+            "predict",
+            '{"instances": %s}' % _nested(1024),
+            "JSON Parse error: Terminate parsing due to Handler error. at offset: 0",
+        ),
+        # Integers beyond double range, as rapidjson refuses them (were OverflowError / 4,300-digit 500s).
+        (
+            "predict",
+            '{"instances": [1%s]}' % ("0" * 309),
+            "JSON Parse error: Number too big to be stored in double. at offset: 15",
+        ),
+        (
+            "predict",
+            '{"inputs": {"x": [-%s]}}' % ("9" * 5000),
+            "JSON Parse error: Number too big to be stored in double. at offset: 18",
+        ),
+        (
+            "predict",
+            '{"inputs": [NaN, 2%s]}' % ("0" * 308),
+            "JSON Parse error: Number too big to be stored in double. at offset: 17",
+        ),
+        (
+            "classify",
+            '{"examples": [{"x": 1%s}]}' % ("0" * 400),
+            "JSON Parse error: Number too big to be stored in double. at offset: 20",
+        ),
+        (
+            "regress",
+            '{"context": {"x": [%s]}, "examples": [{}]}' % ("7" * 310),
+            "JSON Parse error: Number too big to be stored in double. at offset: 19",
+        ),
+    ],
+)
+def test_hostile_json_gets_tf_servings_400(half_plus_two, verb, body, message):
+    r = post(f"{half_plus_two.rest}/v1/models/half_plus_two:{verb}", body)
+    assert (r.status_code, r.json()) == (400, {"error": message})
 
 
 @pytest.mark.parametrize(
@@ -119,6 +190,118 @@ def test_half_sent_requests_do_not_block_others_and_are_dropped(start_server):
 
 
 # -- faults -------------------------------------------------------------------------------------------
+
+
+# -- decoded size, dimensions, Python details --------------------------------------------------------
+
+_LIMIT = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def limited(start_server):
+    """half_plus_two with --max_decoded_tensor_bytes at 1 MB."""
+    return start_server(
+        "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}", f"--max_decoded_tensor_bytes={_LIMIT}"
+    )
+
+
+def _compact_request(dtype: int, dims: list[int], **values) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "half_plus_two"
+    request.inputs["x"].CopyFrom(tensor_pb2.TensorProto(dtype=dtype, **values))
+    for size in dims:
+        request.inputs["x"].tensor_shape.dim.add(size=size)
+    return request
+
+
+def _grpc_error(server, method: str, request) -> tuple[grpc.StatusCode, str]:
+    with grpc.insecure_channel(server.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            getattr(prediction_service_pb2_grpc.PredictionServiceStub(channel), method)(request, timeout=30)
+    return error.value.code(), error.value.details()
+
+
+def _too_big(name: str, shape: str, size: int) -> str:
+    return (
+        f"Input tensor {name} of shape [{shape}] needs {size} bytes decoded, over the limit of {_LIMIT} bytes "
+        "(--max_decoded_tensor_bytes)"
+    )
+
+
+def test_decoded_tensor_limit_refuses_before_allocating(limited):
+    rss = rss_mib(limited.proc.pid)
+    floats = _compact_request(types_pb2.DT_FLOAT, [100_000_000], float_val=[1.0])
+    assert floats.inputs["x"].ByteSize() < 30
+    assert _grpc_error(limited, "Predict", floats) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        _too_big("x", "100000000", 400_000_000),
+    )
+    strings = _compact_request(types_pb2.DT_STRING, [2**31], string_val=[b"a"])  # got the process killed
+    assert _grpc_error(limited, "Predict", strings) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        _too_big("x", "2147483648", 2**31 * 8 + 1),
+    )
+    body = '{"instances": [' + ", ".join(["1.0"] * 250_001) + "]}"
+    r = post(limited.rest + PREDICT, body)
+    assert (r.status_code, r.json()) == (400, {"error": _too_big("x", "250001", 1_000_004)})
+    # Every example carries a copy of the context: 116 bytes serialized (and an 8-byte pointer) times 10,000.
+    body = {"signature_name": "regress_x_to_y", "context": {"x": [1.0], "pad": "p" * 86}, "examples": [{}] * 10_000}
+    r = post(limited.rest + "/v1/models/half_plus_two:regress", body)
+    assert (r.status_code, r.json()) == (400, {"error": _too_big("inputs", "10000", 1_240_000)})
+    assert rss_mib(limited.proc.pid) - rss < 50
+    with grpc.insecure_channel(limited.grpc) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(predict_request(), timeout=30)
+    assert list(response.outputs["y"].float_val) == [2.5, 3.0, 4.5]
+
+
+def test_more_than_64_dimensions_over_grpc_are_a_tensor_parsing_error(limited):
+    request = _compact_request(types_pb2.DT_FLOAT, [1] * 65, float_val=[1.0])
+    assert _grpc_error(limited, "Predict", request) == (grpc.StatusCode.INVALID_ARGUMENT, "tensor parsing error: x")
+    assert "Traceback" not in limited.output()
+
+
+_PYTHON_DETAILS = ("Error'", "<class", "Traceback", "codec can't")
+
+
+def test_no_answer_carries_python_exception_details(limited):
+    """Bad input that used to surface Python's exception names or messages (or 500s), over REST and gRPC."""
+    classify_x = {"signature_name": "classify_x_to_y", "instances": [{"b64": "/w=="}]}  # not a tf.Example
+    rest = [
+        ("predict", classify_x),
+        ("predict", rb'{"instances": ["\ud800"]}'),
+        ("predict", '{"instances": %s}' % _nested(70)),
+        ("predict", '{"signature_name": %s, "instances": [1.0]}' % _nested(900)),
+        ("predict", '{"inputs": [NaN, %s]}' % ("9" * 5000)),
+        ("classify", '{"examples": [{"x": %s}]}' % ("1" * 400)),
+        ("regress", b'{"examples": [{"x\xff": [1.0]}]}'),
+    ]
+    answers = []
+    for verb, body in rest:
+        r = post(f"{limited.rest}/v1/models/half_plus_two:{verb}", body)
+        assert r.status_code == 400, (verb, body, r.content)
+        answers.append(r.content.decode("utf-8", "replace"))
+    # TF's own message for a serialized example that does not parse, with the raw byte (as TF Serving sends it).
+    assert post(limited.rest + PREDICT, classify_x).content == (
+        b'{\n    "error": "Could not parse example input, value: \'\xff\'\\n\\t '
+        b'[[{{node ParseExample/ParseExample}}]]"\n}'
+    )
+    not_example = _compact_request(types_pb2.DT_STRING, [1], string_val=[b"\xff"])
+    not_example.model_spec.signature_name = "classify_x_to_y"
+    not_example.inputs["inputs"].CopyFrom(not_example.inputs.pop("x"))
+    grpc_requests = [
+        ("Predict", not_example),
+        ("Predict", _compact_request(types_pb2.DT_FLOAT, [1] * 65, float_val=[1.0])),
+        ("Predict", _compact_request(types_pb2.DT_STRING, [2**31], string_val=[b"a"])),
+        ("Predict", _compact_request(types_pb2.DT_HALF, [2], half_val=[1, 2])),  # a dtype the model does not take
+    ]
+    for method, request in grpc_requests:
+        code, details = _grpc_error(limited, method, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, details)
+        answers.append(details)
+    assert answers[-4] == ("Could not parse example input, value: '\ufffd'\n\t [[{{node ParseExample/ParseExample}}]]")
+    for answer in answers:
+        assert not any(word in answer for word in _PYTHON_DETAILS), answer
+    assert "Traceback" not in limited.output()
 
 
 def _hanging_model(base: Path) -> None:

@@ -150,7 +150,7 @@ def test_metadata_matches_tf_serving(url):
             400,
             "JSON Parse error: Invalid value. at offset: 19",
         ),
-        ("POST", "/v1/models/half_plus_two:predict", b"[1, 2]", 400, "JSON Value: [\n    1,\n    2\n] Is not object"),
+        ("POST", "/v1/models/half_plus_two:predict", b"[1, 2]", 400, "JSON Value: [1, 2] Is not object"),
         (
             "POST",
             "/v1/models/half_plus_two:predict",
@@ -163,7 +163,7 @@ def test_metadata_matches_tf_serving(url):
             "/v1/models/half_plus_two:predict",
             {"instances": [1.0], "signature_name": 5},
             400,
-            'JSON Value: {\n    "instances": [\n        1.0\n    ],\n    "signature_name": 5\n} not formatted '
+            'JSON Value: {\n    "instances": [1.0],\n    "signature_name": 5\n} not formatted '
             "correctly. 'signature_name' key must be a string value.",
         ),
         (
@@ -223,7 +223,7 @@ def test_metadata_matches_tf_serving(url):
             "/v1/models/half_plus_two:predict",
             {"instances": [1.0], "inputs": [1.0]},
             400,
-            'JSON Value: {\n    "instances": [\n        1.0\n    ],\n    "inputs": [\n        1.0\n    ]\n} Not '
+            'JSON Value: {\n    "instances": [1.0],\n    "inputs": [1.0]\n} Not '
             "formatted correctly expecting only one of 'inputs' or 'instances' keys to exist ",
         ),
         (

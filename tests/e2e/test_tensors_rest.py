@@ -75,6 +75,23 @@ def test_invalid_base64_is_rejected(kitchen):
     )
 
 
+def test_surrogate_escapes_in_strings_as_tf_serving_reads_them(kitchen):
+    """rapidjson refuses a lone high surrogate (was a 500 UnicodeEncodeError) and keeps a lone low one
+    as its three UTF-8-style bytes."""
+    row = b'{"text": "%s", "count": 1, "flag": true}'
+    r = post(kitchen, b'{"signature_name": "types", "instances": [' + row % rb"\ud800" + b"]}")
+    assert (r.status_code, r.json()) == (
+        400,
+        {"error": "JSON Parse error: The surrogate pair in string is invalid. at offset: 52"},
+    )
+    r = post(kitchen, b'{"signature_name": "types", "instances": [' + row % rb"\udc00\ud83d\ude00" + b"]}")
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["text_bytes"] == {
+        "b64": base64.b64encode(b"\xed\xb0\x80\xf0\x9f\x98\x80").decode()
+    }
+    assert r.json()["predictions"][0]["length"] == 7
+
+
 def test_int_input_rejects_fractions_and_bools(kitchen):
     r = post(kitchen, {"signature_name": "ints", "inputs": [1, 2.5]})
     assert r.json()["error"] == "JSON Value: 2.5 Type: Number is not of expected type: int32"

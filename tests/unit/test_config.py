@@ -150,3 +150,11 @@ def test_config_files_parse_with_tfs_errors(tmp_path):
     with pytest.raises(ServingError) as info:
         config_protos.parse_file(str(tmp_path / "none"), config_protos.SSLConfig)
     assert (info.value.code, info.value.message) == (Code.NOT_FOUND, f"{tmp_path / 'none'}; No such file or directory")
+
+
+def test_max_decoded_tensor_bytes_defaults_to_2_gib_or_a_quarter_of_memory():
+    memory = flags._memory_bytes()
+    assert memory > 0
+    assert flags.Options().max_decoded_tensor_bytes == min(2**31, memory // 4)
+    assert flags.parse(["--max_decoded_tensor_bytes=1000"]).options.max_decoded_tensor_bytes == 1000
+    assert "\t--max_decoded_tensor_bytes=" in flags.usage()

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import DoublingServable
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import input_pb2, predict_pb2
 
 from pyserving import metrics
 from pyserving.errors import Code, ServingError
 from pyserving.lifecycle.loader import LoaderChain
 from pyserving.lifecycle.manager import ModelManager, RetryPolicy, VersionSpec
+from pyserving.protocols.tfs.grpc_api import PredictionService
 from pyserving.runtimes import registry
 from pyserving.runtimes.batching import BatchedServable, Batcher, BatchingOptions
-from pyserving.serving import DataPlane, ModelSpec
+from pyserving.serving import DataPlane, ModelSpec, classify_regress
 
 
 @pytest.fixture()
@@ -102,3 +106,67 @@ def test_loader_chain_loads_by_platform_and_wraps_for_batching(tmp_path):
         servable.close()
         batcher.stop()
     assert registry.platforms() == {"tensorflow"}
+
+
+class _RecordingPool(ThreadPoolExecutor):
+    """A worker pool that records what it was given to run."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.ran: list[str] = []
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.ran.append(getattr(fn, "__name__", repr(fn)))
+        return super().submit(fn, *args, **kwargs)
+
+
+def _grpc_request(dims: tuple[int, ...], values: list[float]) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "m", "double"
+    tensor = request.inputs["x"]
+    tensor.dtype = types_pb2.DT_FLOAT
+    tensor.float_val.extend(values)
+    for size in dims:
+        tensor.tensor_shape.dim.add(size=size)
+    return request
+
+
+def test_grpc_predict_expands_compact_tensors_off_the_event_loop(dataplane):
+    """A 20-byte request for a 4 MB tensor is decoded on the pool; a small one stays on the loop."""
+    pool = _RecordingPool()
+    service = PredictionService(dataplane, pool, tensor_content=False, max_decoded_bytes=2**30)
+    with pool:
+        small = asyncio.run(service._predict(_grpc_request((2,), [1.0, 2.0]), 0))
+        assert (small.outputs["y"].float_val, pool.ran) == ([2.0, 4.0], ["run"])  # only the servable's run
+        pool.ran.clear()
+        compact = asyncio.run(service._predict(_grpc_request((1_000_000,), [1.5]), 0))
+        assert pool.ran[0] == "decode"
+        assert compact.outputs["y"].tensor_shape.dim[0].size == 1_000_000
+
+
+def test_grpc_predict_refuses_tensors_over_the_decoded_limit(dataplane):
+    service = PredictionService(dataplane, ThreadPoolExecutor(1), tensor_content=False, max_decoded_bytes=1000)
+    with pytest.raises(ServingError) as info:
+        asyncio.run(service._predict(_grpc_request((100_000_000,), [1.0]), 0))
+    assert (info.value.code, info.value.message) == (
+        Code.INVALID_ARGUMENT,
+        "Input tensor x of shape [100000000] needs 400000000 bytes decoded, over the limit of 1000 bytes "
+        "(--max_decoded_tensor_bytes)",
+    )
+
+
+def test_examples_tensor_is_refused_before_the_context_is_copied_into_each_example():
+    request_input = input_pb2.Input()
+    with_context = request_input.example_list_with_context
+    with_context.context.features.feature["f"].bytes_list.value.append(b"x" * 1000)
+    for _ in range(100):
+        with_context.examples.add()
+    context_bytes = len(with_context.context.SerializeToString())
+    assert len(classify_regress.serialized_examples(request_input)) == 100
+    limit = 100 * (8 + context_bytes) - 1
+    with pytest.raises(ServingError) as info:
+        classify_regress.serialized_examples(request_input, limit)
+    assert info.value.message == (
+        f"Input tensor inputs of shape [100] needs {limit + 1} bytes decoded, over the limit of {limit} bytes "
+        "(--max_decoded_tensor_bytes)"
+    )

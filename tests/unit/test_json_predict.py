@@ -11,6 +11,7 @@ from tensorflow.core.framework import types_pb2
 
 from pyserving.errors import ServingError
 from pyserving.protocols.tfs.json import numeric
+from pyserving.protocols.tfs.json.document import parse_object, signature_name
 from pyserving.protocols.tfs.json.predict_request import COLUMNAR, ROW, decode_predict, parse_predict
 from pyserving.protocols.tfs.json.predict_response import encode_predict
 
@@ -128,3 +129,74 @@ def test_row_format_needs_a_batch_dimension():
     with pytest.raises(ServingError) as info:
         encode_predict({"y": np.float32(1.0).reshape(())}, ROW)
     assert info.value.message == "Tensor name: y has no shape information "
+
+
+def _nested(depth: int, leaf: str = "1.0") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+AB = signature_def(a=types_pb2.DT_FLOAT, b=types_pb2.DT_FLOAT)
+
+
+@pytest.mark.parametrize("depth", [65, 200, None])  # None: as deep as 1,024 levels of document allow
+@pytest.mark.parametrize(
+    ("template", "signature"),
+    [
+        ('{"instances": %s}', FLOAT_X),
+        ('{"inputs": %s}', FLOAT_X),
+        ('{"inputs": {"x": %s}}', FLOAT_X),
+        ('{"instances": [{"a": 1.0, "b": %s}]}', AB),
+        ('{"inputs": {"a": [1.0], "b": %s}}', AB),
+    ],
+)
+def test_more_than_64_dimensions_decode_then_fail_as_tensorflow_refuses_the_proto(depth, template, signature):
+    before = template[: template.index("%s")]
+    levels = before.count("{") + before.count("[") - before.count("}") - before.count("]")
+    name = "b" if signature is AB else "x"
+    assert error(template % _nested(depth or 1024 - levels), signature) == f"tensor parsing error: {name}"
+    assert error('{"x": NaN, "instances": %s}' % _nested(depth or 900)) == "tensor parsing error: x"  # Python's json
+
+
+def test_64_dimensions_are_fine_and_deep_errors_keep_tf_servings_order():
+    assert decode('{"instances": %s}' % _nested(64)).tensors["x"].ndim == 64
+    assert decode('{"inputs": %s}' % _nested(64)).tensors["x"].ndim == 64
+    # TF Serving decodes every input before Tensor::FromProto refuses the deep one.
+    assert error('{"inputs": {"a": %s, "b": ["x"]}}' % _nested(70), AB) == (
+        'JSON Value: "x" Type: String is not of expected type: float'
+    )
+    assert error('{"inputs": %s}' % _nested(500, '"x"')) == (
+        'JSON Value: "x" Type: String is not of expected type: float'
+    )
+    ragged = "[" * 99 + "[1.0], [1.0, 2.0]" + "]" * 99
+    assert error('{"inputs": %s}' % ragged) == "Encountered list at unexpected size: 2 at level: 99 expected size: 1"
+
+
+def test_a_deep_signature_name_gets_the_signature_name_error():
+    doc = parse_object(b'{"signature_name": %s, "instances": [1.0]}' % _nested(1000).encode())
+    with pytest.raises(ServingError) as info:
+        signature_name(doc)
+    assert info.value.message == (
+        'JSON Value: {\n    "signature_name": ' + "[" * 232 + " not formatted correctly. 'signature_name' key must "
+        "be a string value."
+    )
+
+
+def test_lone_low_surrogates_are_the_bytes_rapidjson_writes():
+    tensors = decode(r'{"instances": ["\udc00", "a\udfff", "\ud83d\ude00"]}', signature_def(x=types_pb2.DT_STRING))
+    assert tensors.tensors["x"].tolist() == [b"\xed\xb0\x80", b"a\xed\xbf\xbf", "😀".encode()]
+    assert error(r'{"instances": ["\ud800"]}', signature_def(x=types_pb2.DT_STRING)) == (
+        "JSON Parse error: The surrogate pair in string is invalid. at offset: 16"
+    )
+
+
+def test_json_value_excerpts_put_arrays_on_one_line():
+    """The both-keys and keys-mismatch errors quote the JSON as TF Serving's PrettyWriter does
+    (kFormatSingleLineArray)."""
+    assert error('{"instances": [[1.0, 2.0]], "inputs": {"x": [1.0, 2.0]}}') == (
+        'JSON Value: {\n    "instances": [[1.0, 2.0]],\n    "inputs": {\n        "x": [1.0, 2.0]\n    }\n} '
+        "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist "
+    )
+    assert error('{"instances": [{"a": [[1.0, 2.0], [3.0, 4.0]]}]}', AB) == (
+        "Failed to process element: 0 of 'instances' list. JSON object: {\n"
+        '    "a": [[1.0, 2.0], [3.0, 4.0]]\n} keys must be equal to: a,b'
+    )

@@ -56,6 +56,7 @@ def test_a_short_value_list_repeats_its_last_value():
         lambda p: setattr(p, "tensor_content", b"\x00" * 3),  # not a whole number of floats
         lambda p: [p.tensor_shape.dim.add(size=2**40) for _ in range(2)],  # more elements than int64 holds
         lambda p: setattr(p, "dtype", types_pb2.DT_RESOURCE),  # not a value type
+        lambda p: [p.tensor_shape.dim.add(size=1) for _ in range(64)],  # 65 dimensions (TensorShape holds 64)
     ],
 )
 def test_malformed_protos_are_tensor_parsing_errors(mutate):
@@ -71,3 +72,61 @@ def test_type_names_are_tfs():
     assert tensors.type_name(types_pb2.DT_FLOAT) == "float"
     assert tensors.type_name(types_pb2.DT_FLOAT_REF) == "float"
     assert tensors.type_name(types_pb2.DT_RESOURCE) == "resource"
+
+
+def _compact(dtype: int, *dims: int, **values: list) -> tensor_pb2.TensorProto:
+    """A tensor with fewer values than its shape holds (TF repeats the last one)."""
+    proto = tensor_pb2.TensorProto(dtype=dtype, **values)
+    for size in dims:
+        proto.tensor_shape.dim.add(size=size)
+    return proto
+
+
+def test_64_dimensions_decode():
+    proto = _compact(types_pb2.DT_FLOAT, *[1] * 64, float_val=[2.0])
+    assert tensors.to_ndarray(proto, "x").shape == (1,) * 64
+
+
+def test_decoded_size_limit_refuses_compact_tensors_before_allocating():
+    floats = _compact(types_pb2.DT_FLOAT, 100_000_000, float_val=[1.0])
+    assert len(floats.SerializeToString()) < 20
+    assert tensors.checked_shapes({"x": floats}) == ([("x", floats, (100_000_000,))], 400_000_000)
+    with pytest.raises(ServingError) as info:
+        tensors.to_ndarrays({"x": floats}, max_bytes=2**28)
+    assert info.value.message == (
+        "Input tensor x of shape [100000000] needs 400000000 bytes decoded, over the limit of 268435456 bytes "
+        "(--max_decoded_tensor_bytes)"
+    )
+    strings = _compact(types_pb2.DT_STRING, 2**31, string_val=[b"abc"])  # pointers (8 bytes each) and the bytes
+    with pytest.raises(ServingError) as info:
+        tensors.to_ndarrays({"s": strings}, max_bytes=2**31)
+    assert info.value.message == (
+        "Input tensor s of shape [2147483648] needs 17179869187 bytes decoded, over the limit of 2147483648 bytes "
+        "(--max_decoded_tensor_bytes)"
+    )
+
+
+def test_decoded_size_limit_counts_every_input():
+    protos = {
+        "a": _compact(types_pb2.DT_INT64, 2, 3, int64_val=[1]),  # 48 bytes
+        "b": _compact(types_pb2.DT_STRING, 2, string_val=[b"xy", b"z"]),  # 16 + 3 bytes
+    }
+    assert {k: v.tolist() for k, v in tensors.to_ndarrays(protos, max_bytes=67).items()} == {
+        "a": [[1] * 3] * 2,
+        "b": [b"xy", b"z"],
+    }
+    with pytest.raises(ServingError) as info:
+        tensors.to_ndarrays(protos, max_bytes=66)
+    assert info.value.message == (
+        "Input tensor b of shape [2] needs 19 bytes decoded (67 with the inputs before it), over the limit of 66 "
+        "bytes (--max_decoded_tensor_bytes)"
+    )
+    assert tensors.decoded_nbytes(tensors.to_ndarray(protos["b"], "b")) == 19
+
+
+def test_a_tensor_no_process_could_allocate_is_a_parsing_error_before_the_limit():
+    """2**62 bytes: TF's allocation fails and Tensor::FromProto refuses the proto, as TF Serving answers."""
+    proto = _compact(types_pb2.DT_FLOAT, 2**40, 2**20, float_val=[1.0])
+    with pytest.raises(ServingError) as info:
+        tensors.to_ndarrays({"x": proto}, max_bytes=2**31)
+    assert info.value.message == "tensor parsing error: x"

@@ -180,9 +180,9 @@ class ModelManager:
                 servable = self._loader(record.spec)
             except ServingError as exc:
                 error = exc
-            except Exception as exc:  # a runtime bug must not take the server down
+            except Exception:  # a runtime bug must not take the server down
                 log.exception("Unexpected error loading %s", record.spec.path)
-                error = ServingError(Code.UNKNOWN, f"{type(exc).__name__}: {exc}")
+                error = ServingError(Code.UNKNOWN, f"Unexpected error loading {record.spec.path}; see the server log")
             else:
                 self._finish_load(name, record, servable)
                 log.info(

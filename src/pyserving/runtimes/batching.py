@@ -22,6 +22,7 @@ import asyncio
 import bisect
 import collections
 import itertools
+import logging
 import math
 import threading
 import time
@@ -35,10 +36,12 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 from pyserving import metrics
 from pyserving.concurrency import LoopGuard
-from pyserving.errors import Code, ServingError, invalid_argument
+from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
 from pyserving.runtimes.servable import Servable
 
 __all__ = ["DEFAULT_THREAD_POOL", "BatchedServable", "Batcher", "BatchingOptions"]
+
+log = logging.getLogger("pyserving")
 
 DEFAULT_THREAD_POOL = "batch_threads"
 
@@ -334,8 +337,11 @@ class Batcher:
                         f"Batched output tensor {alias} has {output.shape[0] if output.ndim else 'no'} rows for a "
                         f"batch of {size}: its signature cannot be batched"
                     )
-        except Exception as exc:  # every caller of the batch gets the error
-            return [exc if isinstance(exc, ServingError) else ServingError(Code.INTERNAL, str(exc))] * len(batch)
+        except ServingError as exc:  # every caller of the batch gets the error
+            return [exc] * len(batch)
+        except Exception:  # a bug: logged once; the callers get no Python details
+            log.exception("Unexpected error running a batch")
+            return [ServingError(Code.INTERNAL, INTERNAL_ERROR)] * len(batch)
         offsets = itertools.accumulate((task.rows for task in batch), initial=0)
         return [
             [output[start : start + task.rows] for output in outputs]

@@ -218,6 +218,12 @@ class SavedModelServable:
             return fn(*feeds)
         except tf.errors.OpError as exc:
             raise from_tf_error(exc) from exc
+        except UnicodeDecodeError as exc:
+            # TF's error quoted bytes that are not UTF-8 (e.g. a serialized tf.Example that does not
+            # parse), so Python could not build the OpError; the undecodable text is TF's message (up
+            # to its first NUL byte), which TF Serving returns as it is. Such input errors are
+            # INVALID_ARGUMENT.
+            raise ServingError(Code.INVALID_ARGUMENT, bytes(exc.object).decode("utf-8", "surrogateescape")) from exc
         except (TypeError, ValueError) as exc:
             raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from exc
 

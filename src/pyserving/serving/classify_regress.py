@@ -75,25 +75,30 @@ def check_regress_signature(signature: meta_graph_pb2.SignatureDef, method_name_
     return [OUTPUTS]
 
 
-def serialized_examples(request_input: input_pb2.Input) -> np.ndarray:
+def serialized_examples(request_input: input_pb2.Input, max_bytes: int = 0) -> np.ndarray:
     """The signature's input tensor: one serialized example per element, the context's bytes first.
 
     Concatenated serializations parse as a merge, so an example's feature replaces
-    the context's feature of the same name, as in TF Serving.
+    the context's feature of the same name, as in TF Serving. With `max_bytes` (> 0), a tensor
+    that would take more is refused before it is built (a big context is copied into every example).
     """
     kind = request_input.WhichOneof("kind")
+    context = b""
     if kind == "example_list":
         serialized = [e.SerializeToString() for e in request_input.example_list.examples]
     elif kind == "example_list_with_context":
         with_context = request_input.example_list_with_context
         context = with_context.context.SerializeToString()
-        serialized = [context + e.SerializeToString() for e in with_context.examples]
+        serialized = [e.SerializeToString() for e in with_context.examples]
     else:
         serialized = []
     if not serialized:
         raise invalid_argument("Input is empty.")
+    if max_bytes > 0:
+        size = len(serialized) * (8 + len(context)) + sum(map(len, serialized))
+        tensors.check_decoded_bytes([(INPUTS, [len(serialized)], size)], max_bytes)
     array = np.empty(len(serialized), dtype=object)
-    array[:] = serialized
+    array[:] = [context + e for e in serialized] if context else serialized
     return array
 
 

@@ -33,8 +33,8 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 
 from pyserving import metrics, tensors
-from pyserving.concurrency import run_sized, run_sync
-from pyserving.errors import Code, ServingError, invalid_argument
+from pyserving.concurrency import INLINE_BYTES, run_sized, run_sync
+from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
 from pyserving.protocols.tfs.protos import effective_spec, model_spec, version_status
 from pyserving.runtimes.servable import CLASSIFY_METHOD
 from pyserving.serving import DataPlane, ModelSpec, PredictResult
@@ -81,6 +81,11 @@ async def _unary(
         code = exc.code
         await context.abort(exc.grpc_code, exc.grpc_message)
         raise  # abort raises; this keeps the type checker informed
+    except Exception:  # a bug: logged once with its traceback; the client sees no Python details
+        code = Code.INTERNAL
+        log.exception("Unexpected error handling %s", api or type(request).__name__)
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
+        raise
     finally:
         if api and dataplane is not None:
             model = request.model_spec.name
@@ -98,10 +103,13 @@ def _spec(request: Any) -> ModelSpec:
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor, tensor_content: bool) -> None:
+    def __init__(
+        self, dataplane: DataPlane, pool: ThreadPoolExecutor, tensor_content: bool, max_decoded_bytes: int = 0
+    ) -> None:
         self._dataplane = dataplane
         self._pool = pool
         self._tensor_content = tensor_content
+        self._max_decoded_bytes = max_decoded_bytes
 
     async def Predict(  # noqa: N802 (gRPC method name)
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
@@ -112,7 +120,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
         """The hot path: tensors converted inline when small, the session call off the loop."""
         spec = _spec(request)
-        inputs = await run_sized(self._pool, request.ByteSize(), tensors.to_ndarrays, request.inputs)
+        if request.ByteSize() > INLINE_BYTES:
+            inputs = await run_sync(self._pool, tensors.to_ndarrays, request.inputs, self._max_decoded_bytes)
+        else:  # small, but a compact tensor (fewer values than its shape) expands: placed by its decoded size
+            checked, size = tensors.checked_shapes(request.inputs, self._max_decoded_bytes)
+            inputs = await run_sized(self._pool, size, tensors.decode, checked)
         with self._dataplane.resolve(spec) as target:
             result = await self._dataplane.predict(
                 target, spec.signature_name, inputs, list(request.output_filter), timeout_ms, self._pool
@@ -264,11 +276,12 @@ def services(
     pool: ThreadPoolExecutor,
     tensor_content: bool,
     reload_config: Callable[[model_server_config_pb2.ModelServerConfig], None],
+    max_decoded_bytes: int = 0,
 ) -> list[Service]:
     """PredictionService and ModelService, to mount on the gRPC transport."""
     prediction = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
     model = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
     return [
-        unary_service(PredictionService(dataplane, pool, tensor_content), prediction),
+        unary_service(PredictionService(dataplane, pool, tensor_content, max_decoded_bytes), prediction),
         unary_service(ModelService(dataplane, pool, reload_config), model),
     ]

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+import numpy as np
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2
 
-from pyserving import metrics
+from pyserving import metrics, tensors
 from pyserving.concurrency import run_sized, run_sync
-from pyserving.errors import Code, ServingError, invalid_argument
+from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
 from pyserving.protocols.tfs.json import examples, predict_request, predict_response
 from pyserving.protocols.tfs.json.document import encode_error, parse_object, signature_name
 from pyserving.runtimes.servable import DEFAULT_SIGNATURE
@@ -71,6 +72,7 @@ class RestSettings:
     timeout_ms: int = 0
     cors: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
+    max_decoded_bytes: int = 0  # > 0: the most a request's decoded input tensors may take
 
 
 class RestApi:
@@ -119,10 +121,9 @@ class RestApi:
             code, status, payload = Code.INVALID_ARGUMENT, 400, b""
         except ServingError as exc:
             code, status, payload = exc.code, exc.http_status, encode_error(exc.message)
-        except Exception as exc:  # a bug must answer 500, not drop the connection
+        except Exception:  # a bug answers 500 (no Python details), not a dropped connection; logged once
             log.exception("Unexpected error handling %s %s", method, path)
-            code, status = Code.INTERNAL, 500
-            payload = encode_error(f"Internal error: {type(exc).__name__}: {exc}")
+            code, status, payload = Code.INTERNAL, 500, encode_error(INTERNAL_ERROR)
         if code == Code.OK:  # a configured model answered
             metrics.REQUEST_COUNT.inc(model, code.name)
             metrics.REQUEST_LATENCY.observe(model, api, "REST", value=(time.perf_counter() - started) * 1e6)
@@ -160,6 +161,7 @@ class RestApi:
             if signature is None:
                 raise invalid_argument(f'Serving signature name: "{key}" not found in signature def')
             inputs = await run_sized(self._pool, len(body), predict_request.decode_predict, doc, signature, key, body)
+            _check_decoded(inputs.tensors, len(body), self._settings.max_decoded_bytes)
             result = await self._dataplane.predict(
                 target, key, inputs.tensors, timeout_ms=self._settings.timeout_ms, executor=self._pool
             )
@@ -202,6 +204,14 @@ class RestApi:
     def _status(self, spec: ModelSpec) -> bytes:
         statuses = self._dataplane.status(spec.name, spec.version)
         return _proto_json({"model_version_status": [_status_json(s) for s in statuses]}).encode()
+
+
+def _check_decoded(arrays: dict[str, np.ndarray], body_bytes: int, max_bytes: int) -> None:
+    """--max_decoded_tensor_bytes for JSON tensors. JSON cannot describe more than about 4 bytes of tensor
+    per byte of body (`1,` as an int64), so the tensors exist by now; strings are counted exactly only
+    when the buffers plus the whole body (which holds every string) come near the limit."""
+    if max_bytes > 0 and sum(a.nbytes for a in arrays.values()) + body_bytes > max_bytes:
+        tensors.check_decoded_bytes(((n, a.shape, tensors.decoded_nbytes(a)) for n, a in arrays.items()), max_bytes)
 
 
 def _proto_json(document: dict[str, Any]) -> str:

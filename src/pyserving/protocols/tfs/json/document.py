@@ -2,16 +2,20 @@
 
 Parsing accepts NaN and Infinity and ignores trailing data, as rapidjson's
 kParseNanAndInfFlag does; errors carry rapidjson's messages and byte offsets.
-`debug_string` is TF's JsonValueToString (pretty JSON cut at 256 bytes), which
-TF Serving's messages quote; `encode_error` is its `{"error": ...}` body.
+`debug_string` is TF Serving's JsonValueToDebugString (pretty JSON, arrays on one line,
+about 256 bytes), which its messages quote; `encode_error` is its `{"error": ...}` body.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import itertools
 import json
 import math
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,7 @@ from pyserving.protocols.tfs.json.writer import PrettyWriter, format_double, for
 __all__ = ["debug_string", "decode_b64", "encode_error", "is_b64", "json_type", "parse_object", "signature_name"]
 
 _DEBUG_LIMIT = 256
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TOO_DEEP = "JSON Parse error: Terminate parsing due to Handler error. at offset: 0"
 
 
@@ -50,8 +55,50 @@ class _NumberTooBig(Exception):
         self.token = token
 
 
+# rapidjson 1.1.0 (TF Serving's) reads an integer beyond 64 bits as a double, digit by digit
+# (d = d * 10 + digit), and refuses the number once d reaches this before another digit.
+_DOUBLE_LIMIT = 1.7976931348623157e307
+_INT64_MIN = -(2**63)
+_UINT64_MAX = 2**64 - 1
+
+
+def _too_big(digits: str, minus: bool) -> bool:
+    """Whether rapidjson refuses an integer part of this many `digits` ("Number too big")."""
+    if len(digits) < 309:
+        return False
+    if len(digits) > 309:
+        return True
+    limit = 2**63 if minus else _UINT64_MAX
+    exact = used = 0
+    while exact * 10 + ord(digits[used]) - 48 <= limit:  # the 64-bit part (309 digits never fit)
+        exact = exact * 10 + ord(digits[used]) - 48
+        used += 1
+    value = float(exact)
+    for char in digits[used:]:
+        if value >= _DOUBLE_LIMIT:
+            return True
+        value = value * 10 + (ord(char) - 48)
+    return False
+
+
+def _integer(token: str) -> int | float:
+    """A JSON integer as rapidjson holds it: int64/uint64, else a double; too big (and never
+    converted, so Python's 4,300-digit limit cannot apply) as rapidjson refuses it."""
+    minus = token[0] == "-"
+    if len(token) - minus < 19:
+        return int(token)
+    if _too_big(token[minus:], minus):
+        raise _NumberTooBig(token)
+    value = int(token)
+    return value if _INT64_MIN <= value <= _UINT64_MAX else float(token)
+
+
 def _finite_float(token: str) -> float:
     """A JSON number with a fraction or exponent; rapidjson refuses one beyond double range (1e400)."""
+    if len(token) > 309:
+        minus = token[0] == "-"
+        if _too_big(re.split("[.eE]", token[minus:], maxsplit=1)[0], minus):
+            raise _NumberTooBig(token)
     value = float(token)
     if math.isinf(value):
         raise _NumberTooBig(token)
@@ -59,22 +106,96 @@ def _finite_float(token: str) -> float:
 
 
 def _parse_lenient(body: bytes) -> Any:
-    text = body.decode("utf-8", "surrogateescape")
+    original = body.decode("utf-8", "surrogateescape")
+    text, moved, surrogate_error = _surrogate_escapes(original) if "\\u" in original else (original, [], None)
+
+    def at(index: int) -> int:
+        """An index into `text` as one into `original` (each replaced escape was 3 characters longer)."""
+        return index + 3 * bisect.bisect_left(moved, index)
+
     start = len(text) - len(text.lstrip(" \t\n\r"))
+    error: tuple[int, str] | None = None
     try:
-        return json.JSONDecoder(parse_float=_finite_float).raw_decode(text, start)[0]
+        doc, end = json.JSONDecoder(parse_float=_finite_float, parse_int=_integer).raw_decode(text, start)
     except json.JSONDecodeError as exc:
-        # Python reports an unterminated string where it starts; rapidjson where the input ends.
-        position = len(text) if exc.msg.startswith("Unterminated string") else exc.pos
-        offset = len(text[:position].encode("utf-8", "surrogateescape"))
-        raise invalid_argument(f"JSON Parse error: {_rapidjson_error(exc, text)} at offset: {offset}") from None
+        error = (at(_error_index(exc, text)), _rapidjson_error(exc, text))
+        end = len(text)
     except _NumberTooBig as exc:
-        offset = len(text[: text.find(exc.token)].encode("utf-8", "surrogateescape"))
-        raise invalid_argument(
-            f"JSON Parse error: Number too big to be stored in double. at offset: {offset}"
-        ) from None
+        error = (at(_number_index(text, exc.token)), "Number too big to be stored in double.")
+        end = len(text)
     except RecursionError:
         raise invalid_argument(_TOO_DEEP) from None
+    # rapidjson stops at the first error in the text; past the document's end (trailing data) there is none.
+    if surrogate_error is not None and surrogate_error[0] < (error[0] if error else at(end)):
+        error = surrogate_error
+    if error is not None:
+        offset = len(original[: error[0]].encode("utf-8", "surrogateescape"))
+        raise invalid_argument(f"JSON Parse error: {error[1]} at offset: {offset}")
+    return doc
+
+
+# A \\u escape of a UTF-16 surrogate (an even run of backslashes before it escapes only themselves).
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_HEX_ESCAPE = re.compile(r"\\u[0-9a-fA-F]{4}")
+
+
+def _surrogate_escapes(text: str) -> tuple[str, list[int], tuple[int, str] | None]:
+    """rapidjson 1.1.0's reading of surrogate escapes, which Python's json takes as they come.
+
+    A high surrogate must be followed by an escaped low one; else rapidjson stops at the first
+    backslash: (index, message). A lone low surrogate is kept as the three bytes rapidjson writes
+    for it (ED B0 80 for \\udc00); the escape is replaced by the surrogateescape characters of those
+    bytes, so a string's bytes come out as TF Serving's. Returns the text, the indices (in the
+    returned text) of the replacements, and the first error (its index in `text`).
+    """
+    parts: list[str] = []
+    moved: list[int] = []
+    done = position = length = 0
+    while (match := _SURROGATE_ESCAPE.search(text, position)) is not None:
+        escape, position = match.end() - 6, match.end()
+        code = int(match.group(1), 16)
+        if code <= 0xDBFF:
+            following = text[position : position + 6]
+            if _HEX_ESCAPE.fullmatch(following) and 0xDC00 <= int(following[2:], 16) <= 0xDFFF:
+                position += 6
+                continue
+            message = (
+                "Incorrect hex digit after \\u escape in string."
+                if following.startswith("\\u") and not _HEX_ESCAPE.fullmatch(following)
+                else "The surrogate pair in string is invalid."
+            )
+            parts.append(text[done:])
+            return "".join(parts), moved, (escape, message)
+        parts.append(text[done:escape])
+        length += escape - done
+        moved.append(length)
+        parts.append(chr(code).encode("utf-8", "surrogatepass").decode("utf-8", "surrogateescape"))
+        length += 3
+        done = position
+    parts.append(text[done:])
+    return "".join(parts), moved, None
+
+
+def _error_index(exc: json.JSONDecodeError, text: str) -> int:
+    """Where rapidjson reports Python's error: the end of the input for an unterminated string,
+    the backslash (not the `u`) of a bad \\u escape."""
+    if exc.msg.startswith("Unterminated string"):
+        return len(text)
+    if exc.msg.startswith("Invalid \\u"):
+        return exc.pos - 1
+    return exc.pos
+
+
+# JSON strings (skipped) and numbers, to find the number Python's json refused.
+_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?', re.DOTALL)
+
+
+def _number_index(text: str, token: str) -> int:
+    """Where the first number `token` stands outside strings (the first too big is the one refused)."""
+    for match in _TOKENS.finditer(text):
+        if match.group() == token:
+            return match.start()
+    return max(text.find(token), 0)
 
 
 def _rapidjson_error(exc: json.JSONDecodeError, text: str) -> str:
@@ -150,37 +271,72 @@ def json_type(value: Any) -> str:
     return "Number"
 
 
-def _write_value(writer: PrettyWriter, value: Any) -> None:
-    if isinstance(value, dict):
-        writer.start_object()
-        for k, v in value.items():
-            writer.key(k)
-            _write_value(writer, v)
+class _Key(str):
+    """An object member's name in `_events`."""
+
+
+_END_OBJECT, _END_ARRAY = object(), object()
+
+
+def _events(value: Any) -> Iterator[Any]:
+    """The value as rapidjson's writer events, depth first without recursion (values nest up to 1,024
+    levels): containers' starts (the container itself), `_Key`s, scalars and the two end markers."""
+    stack: list[Iterator[Any]] = [iter((value,))]
+    while stack:
+        item = next(stack[-1], stack)  # the stack itself marks an exhausted iterator
+        if item is stack:
+            stack.pop()
+        elif isinstance(item, dict):
+            yield item
+            stack.append(itertools.chain(*((_Key(k), v) for k, v in item.items()), (_END_OBJECT,)))
+        elif isinstance(item, list) or (isinstance(item, np.ndarray) and item.ndim):
+            yield item
+            stack.append(itertools.chain(item, (_END_ARRAY,)))
+        else:
+            yield item
+
+
+def _write_event(writer: PrettyWriter, event: Any) -> None:
+    if event is _END_OBJECT:
         writer.end_object()
-    elif isinstance(value, list):
-        writer.start_array()
-        for v in value:
-            _write_value(writer, v)
+    elif event is _END_ARRAY:
         writer.end_array()
-    elif value is None:
-        writer.raw("null")
-    elif value is True or value is False:
-        writer.raw("true" if value else "false")
-    elif isinstance(value, int):
-        writer.raw(str(value))
-    elif isinstance(value, float):
-        fits_float = not np.isfinite(value) or float(np.float32(value)) == value
-        writer.raw(format_float32(value) if fits_float else format_double(value))
+    elif isinstance(event, _Key):
+        writer.key(event)
+    elif isinstance(event, dict):
+        writer.start_object()
+    elif isinstance(event, list) or (isinstance(event, np.ndarray) and event.ndim):
+        writer.start_array()
     else:
-        writer.raw(json_string(value))
+        writer.raw(_scalar_text(event.item() if isinstance(event, (np.generic, np.ndarray)) else event))
+
+
+def _scalar_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        fits_float = not math.isfinite(value) or (abs(value) <= _FLOAT32_MAX and float(np.float32(value)) == value)
+        return format_float32(value) if fits_float else format_double(value)
+    return json_string(value)
 
 
 def debug_string(value: Any) -> str:
-    """TF's JsonValueToString: pretty JSON of a value, cut at 256 bytes."""
+    """TF Serving's JsonValueToDebugString: a PrettyWriter with single-line arrays that takes each next
+    token (with its separator and indent) only while it has written fewer than 256 bytes."""
     writer = PrettyWriter()
-    _write_value(writer, value)
-    text = writer.getvalue()
-    return text[:_DEBUG_LIMIT].decode("utf-8", "ignore")
+    writer.single_line = True
+    size = written = 0
+    for event in _events(value):
+        if size >= _DEBUG_LIMIT:
+            break
+        _write_event(writer, event)
+        size += sum(len(part.encode("utf-8", "surrogateescape")) for part in writer.parts[written:])
+        written = len(writer.parts)
+    return writer.getvalue().decode("utf-8", "surrogateescape")
 
 
 def is_b64(value: Any) -> bool:

@@ -44,6 +44,10 @@ _FLOATS = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE)
 # A signature's inputs: alias -> TensorInfo.
 _Infos = dict[str, Any]
 
+# TensorFlow's limit on a tensor's rank. TF Serving builds a TensorProto of any depth from JSON;
+# Tensor::FromProto then refuses it ("tensor parsing error"), after every input was decoded.
+_MAX_RANK = 64
+
 # Below this, orjson's Python objects cost less than simdjson's fixed overhead (measured crossover 2-5 KiB).
 _NUMERIC_PARSE_BYTES = 4096
 
@@ -112,25 +116,28 @@ class _Filler:
         self.shape = shape
         self.values: list[Any] = []
 
-    def fill(self, value: Any, level: int = 0) -> None:
+    def fill(self, value: Any) -> None:
+        """Depth first in document order, without recursion (lists may nest 1,000 deep)."""
         rank = len(self.shape)
-        if not isinstance(value, list):
-            if level != rank:
+        pending: list[tuple[Any, int]] = [(value, 0)]
+        while pending:
+            value, level = pending.pop()
+            if not isinstance(value, list):
+                if level != rank:
+                    raise invalid_argument(
+                        f"JSON Value: {debug_string(value)} found at incorrect level: {level + 1} "
+                        f"in the JSON DOM. Expected at level: {rank}"
+                    )
+                self.values.append(_check_scalar(value, self.dtype))
+                continue
+            if level >= rank:
+                raise invalid_argument(f"Encountered list at unexpected level: {level} expected < {rank}")
+            if len(value) != self.shape[level]:
                 raise invalid_argument(
-                    f"JSON Value: {debug_string(value)} found at incorrect level: {level + 1} "
-                    f"in the JSON DOM. Expected at level: {rank}"
+                    f"Encountered list at unexpected size: {len(value)} at level: {level} "
+                    f"expected size: {self.shape[level]}"
                 )
-            self.values.append(_check_scalar(value, self.dtype))
-            return
-        if level >= rank:
-            raise invalid_argument(f"Encountered list at unexpected level: {level} expected < {rank}")
-        if len(value) != self.shape[level]:
-            raise invalid_argument(
-                f"Encountered list at unexpected size: {len(value)} at level: {level} "
-                f"expected size: {self.shape[level]}"
-            )
-        for item in value:
-            self.fill(item, level + 1)
+            pending.extend((item, level + 1) for item in reversed(value))
 
     def array(self) -> np.ndarray:
         np_dtype = tensors.numpy_dtype(self.dtype)
@@ -146,6 +153,14 @@ class _Filler:
 
 class _NeedsLists(Exception):
     """An array from `numeric` that only the slow path can judge: decode the lists instead."""
+
+
+class _TooManyDimensions(Exception):
+    """A tensor that decoded but has more than `_MAX_RANK` dimensions."""
+
+
+def _parsing_error(name: str) -> ServingError:
+    return invalid_argument(f"tensor parsing error: {name}")
 
 
 def _fast_tensor(value: Any, dtype: int, may_hold_bools: bool) -> np.ndarray | None:
@@ -184,6 +199,8 @@ def _to_tensor(value: Any, dtype: int, may_hold_bools: bool) -> np.ndarray:
         raise _NeedsLists()
     filler = _Filler(dtype, _dense_shape(value))
     filler.fill(value)
+    if len(filler.shape) > _MAX_RANK:
+        raise _TooManyDimensions()
     return filler.array()
 
 
@@ -250,12 +267,21 @@ def _from_inputs(value: Any, infos: _Infos, may_hold_bools: bool) -> dict[str, n
                 "required as per tensorinfo_map"
             )
         name = _first_input(infos)
-        return {name: _to_tensor(value, infos[name].dtype, may_hold_bools)}
+        try:
+            return {name: _to_tensor(value, infos[name].dtype, may_hold_bools)}
+        except _TooManyDimensions:
+            raise _parsing_error(name) from None
     result = {}
+    too_deep = []
     for name in sorted(infos):
         if name not in value:
             raise invalid_argument(f"Missing named input: {name} in 'inputs' object.")
-        result[name] = _to_tensor(value[name], infos[name].dtype, may_hold_bools)
+        try:
+            result[name] = _to_tensor(value[name], infos[name].dtype, may_hold_bools)
+        except _TooManyDimensions:
+            too_deep.append(name)
+    if too_deep:
+        raise _parsing_error(too_deep[0])
     return result
 
 
@@ -295,6 +321,7 @@ def _from_instances(instances: Any, infos: _Infos, may_hold_bools: bool) -> dict
 def _instances_slow(instances: Any, infos: _Infos, names: list[str], objects: bool) -> dict[str, np.ndarray]:
     rows: dict[str, list[np.ndarray]] = {}
     shapes: dict[str, tuple[int, list[int]]] = {}
+    too_deep: set[str] = set()  # stacked, more than _MAX_RANK dimensions
 
     def add(item: Any, name: str) -> None:
         if name not in infos:
@@ -309,7 +336,10 @@ def _instances_slow(instances: Any, infos: _Infos, names: list[str], objects: bo
             raise invalid_argument(f"Expecting tensor size: {shapes[name][0]} but got: {size}")
         elif shapes[name][1] != shape:
             raise invalid_argument(f"Expecting shape {_shape_text(shapes[name][1])} but got: {_shape_text(shape)}")
-        rows.setdefault(name, []).append(filler.array())
+        if len(shape) + 1 > _MAX_RANK:
+            too_deep.add(name)
+        else:
+            rows.setdefault(name, []).append(filler.array())
 
     for index, element in enumerate(instances):
         if objects:
@@ -336,6 +366,8 @@ def _instances_slow(instances: Any, infos: _Infos, names: list[str], objects: bo
                 raise invalid_argument(
                     f"Failed to process element: {index} of 'instances' list. Error: {exc}"
                 ) from None
+    if too_deep:
+        raise _parsing_error(min(too_deep))
     return {name: np.stack(parts) for name, parts in rows.items()}
 
 
