@@ -70,6 +70,9 @@ class HttpLimits:
 # A lingering close reads and discards at most this much, for at most this long (nginx: 5 s).
 _LINGER_BYTES = 256 * 1024 * 1024
 _LINGER_S = 5.0
+# When the listener closes, an idle connection may already carry a request the loop has not read yet
+# (sent just before the close): it stays open this long, and a request that begins is answered.
+_IDLE_CLOSE_GRACE_S = 1.0
 
 
 class BodyTooLarge(Exception):
@@ -258,6 +261,7 @@ class _HttpProtocol(HttpToolsProtocol):
     _head_too_large = False
     _request_complete = True
     _discarded: int | None = None  # bytes discarded while lingering; None when not lingering
+    _closing = False  # the listener closed (shutdown)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_GatheringTransport(transport, self.loop, self))  # type: ignore[arg-type]
@@ -294,8 +298,28 @@ class _HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
-        if self.draining and self.cycle is not None:
+        if (self.draining or self._closing) and self.cycle is not None:
             self.cycle.keep_alive = False
+
+    def shutdown(self) -> None:
+        """The listener closed: finish the request in progress, then close; an idle connection closes
+        after a short grace, unless a request arrives on it (then it is answered, then closed)."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            super().shutdown()
+            return
+        if self._closing or self._discarded is not None or self.transport.is_closing():
+            return
+        self._closing = True
+        self._disarm()
+        self._deadline = self.loop.call_later(_IDLE_CLOSE_GRACE_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:
+            if self._request_complete:
+                self.transport.close()
+            else:  # a request has begun but its head is incomplete: the read deadline closes it
+                self._arm()
 
     def on_message_complete(self) -> None:
         self._disarm()
