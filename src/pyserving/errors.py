@@ -18,6 +18,7 @@ __all__ = [
     "Code",
     "PyservingError",
     "ServingError",
+    "c_escape",
     "from_tf_error",
     "invalid_argument",
     "not_found",
@@ -103,6 +104,13 @@ class ServingError(PyservingError):
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
+
+
+def c_escape(data: bytes) -> str:
+    """Bytes for an error message as C code would print them (absl::CHexEscape): printable ASCII as is,
+    quotes and backslashes escaped, \\n \\r \\t, every other byte as \\xNN; never Python's b'...' repr."""
+    special = {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x22: '\\"', 0x27: "\\'", 0x5C: "\\\\"}
+    return "".join(special.get(byte) or (chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}") for byte in data)
 
 
 def invalid_argument(message: str) -> ServingError:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from helpers import DoublingServable
 
-from pyserving.errors import Code, ServingError
+from pyserving.errors import Code, ServingError, c_escape
 from pyserving.protocols.tfs import grpc_api
+from pyserving.protocols.tfs.json.examples import decode_input
 from pyserving.protocols.tfs.rest_api import RestApi, RestSettings
 from pyserving.runtimes.batching import Batcher, BatchingOptions
 
@@ -94,3 +95,14 @@ def test_a_batch_that_fails_with_a_bug_gives_every_caller_a_bare_internal_error(
         batcher.stop()
     assert (info.value.code, info.value.message) == (Code.INTERNAL, "Internal error")
     assert not any(word in info.value.message for word in _PYTHON_DETAILS)
+
+
+def test_bytes_in_messages_are_c_escaped_not_python_reprs():
+    assert c_escape(b'ab "q" \\ \n\t\xff\x00\x7f') == 'ab \\"q\\" \\\\ \\n\\t\\xff\\x00\\x7f'
+
+
+def test_a_feature_name_with_invalid_utf8_is_named_without_python_repr():
+    name = b"a\xffb".decode("utf-8", "surrogateescape")  # how the JSON parser hands over invalid UTF-8
+    with pytest.raises(ServingError) as error:
+        decode_input({"examples": [{name: [1.0]}]})
+    assert error.value.message == 'Feature name "a\\xffb" is not valid UTF-8'

@@ -18,7 +18,7 @@ from tensorflow.python.util import deprecation
 from tensorflow_serving.apis import prediction_log_pb2
 
 from pyserving import metrics, tensors
-from pyserving.errors import Code, ServingError, invalid_argument
+from pyserving.errors import Code, ServingError, c_escape, invalid_argument
 from pyserving.protocols.tfs.protos import model_spec
 from pyserving.serving import DataPlane, Target
 
@@ -52,7 +52,7 @@ def replay(path: str, target: Target, dataplane: DataPlane, iterations: int) -> 
             try:
                 record = prediction_log_pb2.PredictionLog.FromString(raw)
             except Exception:
-                raise invalid_argument(f"Failed to parse warmup record: {raw[:64]!r} from {file}") from None
+                raise invalid_argument(f"Failed to parse warmup record: {c_escape(raw[:64])} from {file}") from None
             for _ in range(max(iterations, 1)):
                 _run(record, target, dataplane, loop)
             count += 1

@@ -14,7 +14,7 @@ import numpy as np
 from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow_serving.apis import classification_pb2, input_pb2, regression_pb2
 
-from pyserving.errors import invalid_argument
+from pyserving.errors import c_escape, invalid_argument
 from pyserving.protocols.tfs.json.document import debug_string, decode_b64, is_b64, json_type
 from pyserving.protocols.tfs.json.writer import PrettyWriter, format_floats, json_string
 
@@ -57,7 +57,7 @@ def _fill_example(value: Any, example: example_pb2.Example) -> None:
             feature = features[name]
         except UnicodeEncodeError:  # the name held invalid UTF-8; tf.Example keys are proto strings
             raise invalid_argument(
-                f"Feature name {name.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8"
+                f'Feature name "{c_escape(name.encode("utf-8", "surrogateescape"))}" is not valid UTF-8'
             ) from None
         for item in values if isinstance(values, list) else [values]:
             _add_value(name, item, feature)
