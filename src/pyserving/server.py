@@ -64,13 +64,14 @@ class _Server:
     dataplane: DataPlane
     batcher: Batcher | None
     tls: Any  # an SSLConfig message, or None
+    tls_context: ssl.SSLContext | None  # the same certificates for REST (built once, when they are checked)
     metrics_path: str | None
 
 
 def _build(options: Options) -> _Server:
     """The loader chain, the core and the data plane; `ServingError` if a config file is bad."""
     options.validate()
-    metrics_path, tls = _monitoring(options), _tls(options)
+    metrics_path, (tls, tls_context) = _monitoring(options), _tls(options)
     intra, inter = options.parallelism()
     batcher = _batcher(options)
     loader = LoaderChain(
@@ -81,7 +82,7 @@ def _build(options: Options) -> _Server:
     core = ServerCore(options, loader)
     dataplane = DataPlane(
         core.manager, options.enable_signature_method_name_check, max(options.max_decoded_tensor_bytes, 0)
-    )
+    )  # the one place the limit is read: every protocol checks against the data plane's
     if options.enable_model_warmup:
         iterations = options.num_request_iterations_for_warmup
 
@@ -89,7 +90,7 @@ def _build(options: Options) -> _Server:
             warmup.replay(spec.path, Target(spec.model, spec.version, servable), dataplane, iterations)
 
         loader.warmup = replay_warmup
-    return _Server(options, core, dataplane, batcher, tls, metrics_path)
+    return _Server(options, core, dataplane, batcher, tls, tls_context, metrics_path)
 
 
 def _batcher(options: Options) -> Batcher | None:
@@ -114,11 +115,11 @@ def _monitoring(options: Options) -> str | None:
     return config.prometheus_config.path or metrics.DEFAULT_PATH
 
 
-def _tls(options: Options) -> Any:
-    """The `--ssl_config_file` SSLConfig message, or None; `ServingError` naming the problem if its
-    certificates cannot be used (gRPC would only report that it failed to bind)."""
+def _tls(options: Options) -> tuple[Any, ssl.SSLContext | None]:
+    """The `--ssl_config_file` SSLConfig message and an SSLContext of its certificates, or (None, None);
+    `ServingError` naming the problem if they cannot be used (gRPC would only report that it failed to bind)."""
     if not options.ssl_config_file:
-        return None
+        return None, None
     config: Any = config_protos.parse_file(options.ssl_config_file, config_protos.SSLConfig)
     if config.client_verify and not config.custom_ca:
         raise ServingError(
@@ -127,14 +128,14 @@ def _tls(options: Options) -> Any:
             "client certificates cannot be verified without a CA",
         )
     try:
-        http.ssl_context(config.server_cert, config.server_key, config.custom_ca, config.client_verify)
+        context = http.ssl_context(config.server_cert, config.server_key, config.custom_ca, config.client_verify)
     except (ssl.SSLError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         raise ServingError(
             Code.INVALID_ARGUMENT,
             f"{options.ssl_config_file}: invalid server_cert, server_key or custom_ca ({reason})",
         ) from None
-    return config
+    return config, context
 
 
 def _request_threads(configured: int, options: Options) -> int:
@@ -240,7 +241,6 @@ async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.Grpc
         pool,
         options.enable_serialization_as_tensor_content,
         server.core.reload_proto,
-        max(options.max_decoded_tensor_bytes, 0),
     )
     health = None
     if options.enable_grpc_healthcheck_service:
@@ -294,10 +294,8 @@ async def _start_rest(server: _Server) -> http.Listener | None:
         options.rest_api_timeout_in_ms,
         options.rest_api_enable_cors_support,
         options.rest_api_max_body_bytes,
-        max(options.max_decoded_tensor_bytes, 0),
     )
     router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings), ignore_case=True)
-    tls = server.tls if options.rest_api_enable_ssl else None
     try:
         rest_server = await http.start(
             router,
@@ -309,7 +307,7 @@ async def _start_rest(server: _Server) -> http.Listener | None:
                 max_header_count=options.rest_api_max_header_count,
             ),
             grace_s=max(options.shutdown_grace_period_seconds, 0),
-            tls=http.ssl_context(tls.server_cert, tls.server_key, tls.custom_ca, tls.client_verify) if tls else None,
+            tls=server.tls_context if options.rest_api_enable_ssl else None,
         )
     except OSError as exc:
         log.error("Failed to start HTTP Server at localhost:%d (%s)", options.rest_api_port, exc)

@@ -190,41 +190,39 @@ def test_convert_errors(tmp_path, tf1_model):
 # -- warmup -------------------------------------------------------------------------------------------
 
 
-def test_warmup_file_written_by_the_tool_is_replayed_at_load(start_server, tmp_path):
+def _counter_with_warmup(tmp_path, requests: list[dict]) -> tuple[Path, Path, Path]:
+    """A copy of the counter model given warmup records by `pyserving warmup`: (base, requests file, records)."""
     base = tmp_path / "counter"
     shutil.copytree(MODELS / "saved_model_counter", base)
     requests_file = tmp_path / "warmup.json"
-    requests_file.write_text(
-        json.dumps(
-            [
-                {"signature_name": "incr_counter_by", "inputs": {"delta": 5.0}},
-                {"signature_name": "incr_counter_by", "inputs": {"delta": 2.0}},
-            ]
-        )
-    )
+    requests_file.write_text(json.dumps(requests))
     out = ok("warmup", str(base), "--requests", str(requests_file))
     written = base / "00000123" / "assets.extra" / "tf_serving_warmup_requests"
-    assert out.strip() == f"Wrote 2 warmup record(s) to {written}"
+    assert out.strip() == f"Wrote {len(requests)} warmup record(s) to {written}"
+    return base, requests_file, written
+
+
+def test_warmup_file_written_by_the_tool_is_replayed_at_load(start_server, tmp_path):
+    base, _, _ = _counter_with_warmup(
+        tmp_path,
+        [
+            {"signature_name": "incr_counter_by", "inputs": {"delta": 5.0}},
+            {"signature_name": "incr_counter_by", "inputs": {"delta": 2.0}},
+        ],
+    )
     server = start_server("--model_name=counter", f"--model_base_path={base}")
     assert get_counter(server, "counter") == 7.0
 
 
 def test_warmup_records_for_a_signature_without_inputs(start_server, tmp_path):
-    base = tmp_path / "counter"
-    shutil.copytree(MODELS / "saved_model_counter", base)
-    requests_file = tmp_path / "warmup.json"
-    requests_file.write_text(
-        json.dumps(
-            [
-                {"signature_name": "incr_counter"},
-                {"signature_name": "incr_counter", "inputs": {}},
-                {"signature_name": "incr_counter_by", "inputs": {"delta": 5.0}},
-            ]
-        )
+    base, requests_file, written = _counter_with_warmup(
+        tmp_path,
+        [
+            {"signature_name": "incr_counter"},
+            {"signature_name": "incr_counter", "inputs": {}},
+            {"signature_name": "incr_counter_by", "inputs": {"delta": 5.0}},
+        ],
     )
-    out = ok("warmup", str(base), "--requests", str(requests_file))
-    written = base / "00000123" / "assets.extra" / "tf_serving_warmup_requests"
-    assert out.strip() == f"Wrote 3 warmup record(s) to {written}"
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(written))]
     assert logs[0] == logs[1]
     assert str(logs[0]) == (

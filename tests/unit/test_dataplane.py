@@ -134,7 +134,8 @@ def _grpc_request(dims: tuple[int, ...], values: list[float]) -> predict_pb2.Pre
 def test_grpc_predict_expands_compact_tensors_off_the_event_loop(dataplane):
     """A 20-byte request for a 4 MB tensor is decoded on the pool; a small one stays on the loop."""
     pool = _RecordingPool()
-    service = PredictionService(dataplane, pool, tensor_content=False, max_decoded_bytes=2**30)
+    dataplane.max_decoded_bytes = 2**30
+    service = PredictionService(dataplane, pool, tensor_content=False)
     with pool:
         small = asyncio.run(service._predict(_grpc_request((2,), [1.0, 2.0]), 0))
         assert (small.outputs["y"].float_val, pool.ran) == ([2.0, 4.0], ["run"])  # only the servable's run
@@ -145,7 +146,8 @@ def test_grpc_predict_expands_compact_tensors_off_the_event_loop(dataplane):
 
 
 def test_grpc_predict_refuses_tensors_over_the_decoded_limit(dataplane):
-    service = PredictionService(dataplane, ThreadPoolExecutor(1), tensor_content=False, max_decoded_bytes=1000)
+    dataplane.max_decoded_bytes = 1000
+    service = PredictionService(dataplane, ThreadPoolExecutor(1), tensor_content=False)
     with pytest.raises(ServingError) as info:
         asyncio.run(service._predict(_grpc_request((100_000_000,), [1.0]), 0))
     assert (info.value.code, info.value.message) == (

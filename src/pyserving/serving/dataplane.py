@@ -87,11 +87,13 @@ _EXAMPLE_CHECKS = {
 
 class DataPlane:
     def __init__(self, manager: ModelManager, method_name_check: bool, max_decoded_bytes: int = 0) -> None:
-        """`max_decoded_bytes` (> 0) bounds the tf.Example tensor a classify/regress request builds (each
-        example carries a copy of the context)."""
+        """`max_decoded_bytes` (> 0, `--max_decoded_tensor_bytes`) bounds what one request's input tensors
+        may take once decoded, in every protocol: the protocols check their own decoding against it, and the
+        data plane the tf.Example tensor a classify/regress request builds (each example carries a copy of
+        the context)."""
         self._manager = manager
         self._method_name_check = method_name_check
-        self._max_decoded_bytes = max_decoded_bytes
+        self.max_decoded_bytes = max_decoded_bytes
 
     def resolve(self, spec: ModelSpec) -> Target:
         """The version `spec` targets (TF Serving's lookup errors otherwise), held until the `with` block ends."""
@@ -170,7 +172,7 @@ class DataPlane:
         if signature is None:
             raise invalid_argument(f"No signature was found with the name: {key}")
         aliases = check(signature, self._method_name_check)
-        examples = classify_regress.serialized_examples(request_input, self._max_decoded_bytes)
+        examples = classify_regress.serialized_examples(request_input, self.max_decoded_bytes)
         metrics.record_examples(target.model, len(examples))
         started = time.perf_counter()
         arrays = target.servable.run(key, {classify_regress.INPUTS: examples}, aliases, timeout_ms)
@@ -203,7 +205,7 @@ class DataPlane:
             if method not in _EXAMPLE_CHECKS:
                 raise ServingError(Code.UNIMPLEMENTED, f"Unsupported signature method_name: {method}")
             runs.append((key, method, _EXAMPLE_CHECKS[method](signature, self._method_name_check)))
-        examples = classify_regress.serialized_examples(request_input, self._max_decoded_bytes)
+        examples = classify_regress.serialized_examples(request_input, self.max_decoded_bytes)
         metrics.record_examples(target.model, len(examples))
         started = time.perf_counter()
         outputs = target.servable.run_multi(

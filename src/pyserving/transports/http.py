@@ -262,10 +262,16 @@ class _HttpProtocol(HttpToolsProtocol):
     _request_complete = True
     _discarded: int | None = None  # bytes discarded while lingering; None when not lingering
     _closing = False  # the listener closed (shutdown)
+    _gathering: _GatheringTransport  # self.transport, typed as what it is
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_GatheringTransport(transport, self.loop, self))  # type: ignore[arg-type]
+        self._gathering = _GatheringTransport(transport, self.loop, self)
+        super().connection_made(self._gathering)  # type: ignore[arg-type]
         self._arm()
+
+    @property
+    def lingering(self) -> bool:
+        return self._discarded is not None
 
     def data_received(self, data: bytes) -> None:
         if self._discarded is not None:
@@ -307,7 +313,7 @@ class _HttpProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             super().shutdown()
             return
-        if self._closing or self._discarded is not None or self.transport.is_closing():
+        if self._closing or self.transport.is_closing():
             return
         self._closing = True
         self._disarm()
@@ -358,7 +364,7 @@ class _HttpProtocol(HttpToolsProtocol):
     def linger(self) -> bool:
         """Called by the transport on close: if the request was not read to its end, keep reading and
         discarding it (bounded) so that the client receives the answer already written. True if lingering."""
-        if self._request_complete or self._discarded is not None:
+        if self._request_complete or self.lingering:
             return False
         self._discarded = 0
         self._disarm()
@@ -368,11 +374,7 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def _close_now(self) -> None:
         self._disarm()
-        transport = self.transport
-        if isinstance(transport, _GatheringTransport):
-            transport.close_now()
-        else:
-            transport.close()
+        self._gathering.close_now()
 
     def _arm(self) -> None:
         self._disarm()
@@ -401,14 +403,13 @@ class _GatheringTransport:
     was about a tenth of the event loop's time per small predict.
     """
 
-    __slots__ = ("_transport", "_loop", "_parts", "_protocol", "_lingering")
+    __slots__ = ("_transport", "_loop", "_parts", "_protocol")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, protocol: _HttpProtocol) -> None:
         self._transport = transport
         self._loop = loop
         self._parts: list[bytes] = []
         self._protocol = protocol
-        self._lingering = False
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -428,10 +429,9 @@ class _GatheringTransport:
     def close(self) -> None:
         """Close, or (when the request was not read to its end) half-close and linger."""
         self._flush()
-        if self._lingering:
+        if self._protocol.lingering:
             return
         if self._protocol.linger():
-            self._lingering = True
             if self._transport.can_write_eof():
                 self._transport.write_eof()
             return
@@ -442,7 +442,7 @@ class _GatheringTransport:
         self._transport.close()
 
     def is_closing(self) -> bool:
-        return self._lingering or self._transport.is_closing()
+        return self._protocol.lingering or self._transport.is_closing()
 
     def _flush(self) -> None:
         parts, self._parts = self._parts, []

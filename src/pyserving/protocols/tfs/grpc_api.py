@@ -103,13 +103,10 @@ def _spec(request: Any) -> ModelSpec:
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(
-        self, dataplane: DataPlane, pool: ThreadPoolExecutor, tensor_content: bool, max_decoded_bytes: int = 0
-    ) -> None:
+    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor, tensor_content: bool) -> None:
         self._dataplane = dataplane
         self._pool = pool
         self._tensor_content = tensor_content
-        self._max_decoded_bytes = max_decoded_bytes
 
     async def Predict(  # noqa: N802 (gRPC method name)
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
@@ -121,9 +118,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         """The hot path: tensors converted inline when small, the session call off the loop."""
         spec = _spec(request)
         if request.ByteSize() > INLINE_BYTES:
-            inputs = await run_sync(self._pool, tensors.to_ndarrays, request.inputs, self._max_decoded_bytes)
+            inputs = await run_sync(self._pool, tensors.to_ndarrays, request.inputs, self._dataplane.max_decoded_bytes)
         else:  # small, but a compact tensor (fewer values than its shape) expands: placed by its decoded size
-            checked, size = tensors.checked_shapes(request.inputs, self._max_decoded_bytes)
+            checked, size = tensors.checked_shapes(request.inputs, self._dataplane.max_decoded_bytes)
             inputs = await run_sized(self._pool, size, tensors.decode, checked)
         with self._dataplane.resolve(spec) as target:
             result = await self._dataplane.predict(
@@ -276,12 +273,11 @@ def services(
     pool: ThreadPoolExecutor,
     tensor_content: bool,
     reload_config: Callable[[model_server_config_pb2.ModelServerConfig], None],
-    max_decoded_bytes: int = 0,
 ) -> list[Service]:
     """PredictionService and ModelService, to mount on the gRPC transport."""
     prediction = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
     model = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
     return [
-        unary_service(PredictionService(dataplane, pool, tensor_content, max_decoded_bytes), prediction),
+        unary_service(PredictionService(dataplane, pool, tensor_content), prediction),
         unary_service(ModelService(dataplane, pool, reload_config), model),
     ]

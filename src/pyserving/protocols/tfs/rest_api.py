@@ -72,7 +72,6 @@ class RestSettings:
     timeout_ms: int = 0
     cors: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
-    max_decoded_bytes: int = 0  # > 0: the most a request's decoded input tensors may take
 
 
 class RestApi:
@@ -161,7 +160,7 @@ class RestApi:
             if signature is None:
                 raise invalid_argument(f'Serving signature name: "{key}" not found in signature def')
             inputs = await run_sized(self._pool, len(body), predict_request.decode_predict, doc, signature, key, body)
-            _check_decoded(inputs.tensors, len(body), self._settings.max_decoded_bytes)
+            _check_decoded(inputs.tensors, len(body), self._dataplane.max_decoded_bytes)
             result = await self._dataplane.predict(
                 target, key, inputs.tensors, timeout_ms=self._settings.timeout_ms, executor=self._pool
             )
