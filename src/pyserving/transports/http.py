@@ -19,6 +19,7 @@ response. The transport adds what uvicorn lacks for a model server:
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import re
@@ -183,15 +184,43 @@ class Listener:
 
     server: uvicorn.Server
     _protocol: type[_HttpProtocol]
+    _socket: socket.socket
 
     def drain(self) -> None:
         """From now on every response closes its connection (the listener still accepts)."""
         self._protocol.draining = True
 
     async def stop(self) -> None:
-        """Refuse new connections, let in-flight requests finish (within the grace period), close."""
+        """Refuse new connections, let in-flight requests finish (within the grace period), close.
+
+        Closing a listening socket resets the connections still in its accept queue, whose clients have
+        already sent their requests. So first the socket drops every new SYN (a socket filter; the
+        client retries and then finds the port closed), the loop accepts what is queued, then it closes."""
+        if _drop_new_connections(self._socket):
+            await asyncio.sleep(_ACCEPT_QUEUE_DRAIN_S)
         self.server.should_exit = True
         await self.server.shutdown()
+
+
+# Time for the loop to accept the connections already queued when the listener stops taking new ones.
+_ACCEPT_QUEUE_DRAIN_S = 0.05
+# A classic BPF program of one instruction, "return 0": every packet to the socket is dropped.
+_SO_ATTACH_FILTER = 26
+_DROP_ALL = (ctypes.c_uint16 * 4)(0x06, 0, 0, 0)  # code BPF_RET|BPF_K, jt, jf, k (two u16 stand for k=0)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.c_void_p)]
+
+
+def _drop_new_connections(sock: socket.socket) -> bool:
+    """Make a listening socket drop new connection attempts (Linux); False where that is not possible."""
+    program = _SockFprog(1, ctypes.addressof(_DROP_ALL))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(program))
+    except OSError:
+        return False
+    return True
 
 
 async def start(
@@ -234,7 +263,7 @@ async def start(
     # so set up the (disabled) lifespan that serve() would have created.
     server.lifespan = config.lifespan_class(config)
     await server.startup(sockets=[sock])
-    return Listener(server, protocol)
+    return Listener(server, protocol, sock)
 
 
 class _HttpProtocol(HttpToolsProtocol):
