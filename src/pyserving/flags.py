@@ -118,9 +118,7 @@ class Options:
     )
     # Monitoring and profiling
     monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig")
-    enable_profiler: bool = _flag(
-        True, "bool", "Enable the TensorFlow profiler service", pending="planned: the profiler service on the gRPC port"
-    )
+    enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service")
     # Security
     ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS")
     use_alts_credentials: bool = _flag(False, "bool", "Use Google ALTS credentials", pending="not supported")

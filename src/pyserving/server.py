@@ -37,7 +37,7 @@ from pyserving.flags import Options
 from pyserving.lifecycle.core import ServerCore
 from pyserving.lifecycle.loader import LoaderChain
 from pyserving.lifecycle.manager import VersionSpec
-from pyserving.protocols import operations
+from pyserving.protocols import operations, profiler
 from pyserving.protocols.tfs import grpc_api, rest_api, warmup
 from pyserving.runtimes.batching import Batcher, BatchingOptions
 from pyserving.runtimes.registry import RuntimeOptions
@@ -247,6 +247,9 @@ async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.Grpc
         health = operations.GrpcHealth()
         await health.start()
         services.append(health.service)
+    if options.enable_profiler:
+        services.append(profiler.ProfilerService().service)
+        log.info("Profiler service is enabled")
     grpc_server = grpc_transport.create_server(
         services, grpc_transport.channel_arguments(options.grpc_channel_arguments)
     )

@@ -95,14 +95,15 @@ def test_base_path_without_versions_waits_with_warning(start_server, tmp_path):
 
 def test_sigterm_exits_zero_and_logs(start_server):
     server = start_server(
-        "--model_name=m", f"--model_base_path={MODELS / 'saved_model_half_plus_two_cpu'}", "--enable_profiler=false"
+        "--model_name=m",
+        f"--model_base_path={MODELS / 'saved_model_half_plus_two_cpu'}",
+        "--use_alts_credentials=false",
     )
     output = server.output()
     assert "Running gRPC ModelServer at 127.0.0.1:" in output
     assert "Exporting HTTP/REST API at:localhost:" in output
     assert (
-        "Flag --enable_profiler is accepted but has no effect in this pyserving release "
-        "(planned: the profiler service on the gRPC port)."
+        "Flag --use_alts_credentials is accepted but has no effect in this pyserving release (not supported)."
     ) in output
     assert "Flag --port is accepted" not in output
     assert server.stop() == 0

@@ -74,8 +74,8 @@ def test_start_up_checks(args, message):
 
 
 def test_pending_flags_are_named_only_when_given():
-    options = flags.parse(["--model_base_path=/m", "--enable_profiler=false"]).options
-    assert [name for name, _ in options.pending_flags({"enable_profiler", "port"})] == ["enable_profiler"]
+    options = flags.parse(["--model_base_path=/m", "--use_alts_credentials=false"]).options
+    assert [name for name, _ in options.pending_flags({"use_alts_credentials", "port"})] == ["use_alts_credentials"]
 
 
 def _config(text: str) -> list[ModelConfig]:
