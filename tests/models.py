@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 
 class _Kitchen(tf.Module):
@@ -115,15 +118,75 @@ def export_color_classifier(base: Path) -> Path:
     return base
 
 
+# Every Keras export below is y = 2a + 3b + 1 for inputs [a, b]: a known answer whatever the export path.
+KERAS_WEIGHTS = [np.array([[2.0], [3.0]], np.float32), np.array([1.0], np.float32)]
+
+
 def export_wrapped_keras(base: Path) -> Path:
-    """The Keras 3 export mistake: a Keras model inside a tf.Module, saved with tf.saved_model.save.
+    """The Keras 3 export TF1's loader cannot restore: a Keras model inside a tf.Module, saved with tf.saved_model.save.
 
     The graph's restore op fills other variable handles than those the signature reads."""
     model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    model.set_weights(KERAS_WEIGHTS)
     module = tf.Module()
     module.model = model
     module.serve = tf.function(lambda x: {"y": model(x)}, input_signature=[tf.TensorSpec([None, 2], tf.float32)])
     tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": module.serve})
+    return base
+
+
+def export_keras_variants(base: Path) -> dict[str, Path]:
+    """The same Keras Sequential model exported four ways, each a base path with version 1:
+
+    `keras_export` (Keras 3 `model.export()`), `keras_saved_model` (Keras 3, `tf.saved_model.save`),
+    and, from a subprocess that needs its own TensorFlow set-up, `keras_mirrored` (Keras 3 under a
+    two-CPU `MirroredStrategy`, `tf.saved_model.save`) and `legacy_keras` (tf-keras with
+    `TF_USE_LEGACY_KERAS=1`, `tf.saved_model.save`)."""
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    model.set_weights(KERAS_WEIGHTS)
+    model.export(str(base / "keras_export" / "1"), verbose=False)
+    tf.saved_model.save(model, str(base / "keras_saved_model" / "1"))
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    script = Path(__file__).with_name("keras_subprocess_exports.py")
+    subprocess.run([sys.executable, str(script), str(base)], env=env, check=True, timeout=300)
+    return {name: base / name for name in ("keras_export", "keras_saved_model", "keras_mirrored", "legacy_keras")}
+
+
+def export_text_tokenizer(base: Path) -> Path:
+    """A TF Text model: strings in, `count` (whitespace tokens per string) and `tokens` (padded with "") out."""
+    import tensorflow_text
+
+    tokenizer = tensorflow_text.WhitespaceTokenizer()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def tokenize(text):
+        tokens = tokenizer.tokenize(text)
+        return {"count": tokens.row_lengths(), "tokens": tokens.to_tensor(default_value="")}
+
+    module = tf.Module()
+    module.tokenize = tokenize
+    tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": tokenize})
+    return base
+
+
+def export_increment(base: Path, version: int = 1, op: str = "AddV2") -> Path:
+    """x [n] float -> y = x + 1. With another `op`, the addition's op is renamed to it in the saved graph:
+    a model that needs an op no library registers."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def increment(x):
+        return {"y": x + 1.0}
+
+    module = tf.Module()
+    module.increment = increment
+    tf.saved_model.save(module, str(base / str(version)), signatures={"serving_default": increment})
+    file = base / str(version) / "saved_model.pb"
+    saved_model = saved_model_pb2.SavedModel.FromString(file.read_bytes())
+    for function in saved_model.meta_graphs[0].graph_def.library.function:
+        for node in function.node_def:
+            if node.op == "AddV2":
+                node.op = op
+    file.write_bytes(saved_model.SerializeToString())
     return base
 
 

@@ -168,6 +168,15 @@ class Options:
     rest_api_max_header_count: int = _flag(
         100, INT32, "pyserving: most headers a REST request may have (431 beyond it)"
     )
+    custom_op_libraries: str = _flag(
+        "",
+        "string",
+        "pyserving: comma-separated op libraries (.so) to load with tf.load_op_library at start-up, for models "
+        "with custom ops (TF Text's ops need none: tensorflow_text is imported when a model needs it)",
+    )
+    custom_op_modules: str = _flag(
+        "", "string", "pyserving: comma-separated Python modules to import at start-up, whose import registers ops"
+    )
     shutdown_delay_seconds: int = _flag(
         5,
         INT32,

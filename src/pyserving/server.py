@@ -39,6 +39,7 @@ from pyserving.lifecycle.loader import LoaderChain
 from pyserving.lifecycle.manager import VersionSpec
 from pyserving.protocols import operations, profiler
 from pyserving.protocols.tfs import grpc_api, rest_api, warmup
+from pyserving.runtimes import custom_ops
 from pyserving.runtimes.batching import Batcher, BatchingOptions
 from pyserving.runtimes.registry import RuntimeOptions
 from pyserving.runtimes.servable import Servable
@@ -71,6 +72,7 @@ class _Server:
 def _build(options: Options) -> _Server:
     """The loader chain, the core and the data plane; `ServingError` if a config file is bad."""
     options.validate()
+    custom_ops.load(_names(options.custom_op_libraries), _names(options.custom_op_modules))
     metrics_path, (tls, tls_context) = _monitoring(options), _tls(options)
     intra, inter = options.parallelism()
     batcher = _batcher(options)
@@ -91,6 +93,11 @@ def _build(options: Options) -> _Server:
 
         loader.warmup = replay_warmup
     return _Server(options, core, dataplane, batcher, tls, tls_context, metrics_path)
+
+
+def _names(flag: str) -> list[str]:
+    """A comma-separated flag's entries."""
+    return [name for name in flag.split(",") if name]
 
 
 def _batcher(options: Options) -> Batcher | None:
