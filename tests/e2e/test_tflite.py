@@ -10,8 +10,10 @@ from __future__ import annotations
 import concurrent.futures
 
 import grpc
+import numpy as np
 import pytest
 import requests
+import tensorflow as tf
 from helpers import (
     grpc_predict,
     post,
@@ -259,5 +261,11 @@ def test_wrong_input_is_invalid_argument(start_server, tmp_path):
             prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error.value.details() == "Input x expects float but string is provided"
-        # The interpreter still serves after the refusal.
+        # 11 dimensions would crash LiteRT's XNNPACK delegate: refused before it runs.
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.zeros([1] * 11, np.float32)))
+        with pytest.raises(grpc.RpcError) as error:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details() == "Input x has 11 dimensions; the TFLite model takes at most 6"
+        # The interpreter still serves after the refusals.
         assert list(grpc_predict(channel, "m", x=(2.0,)).outputs["y"].float_val) == [3.0]

@@ -22,11 +22,11 @@ on several interpreters at once; so does this runtime (requests are merged by `-
 from __future__ import annotations
 
 import os
-import queue
-from collections.abc import Iterator, Sequence
+import threading
+from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,9 @@ _SIGNATURE_METADATA = b"signature_defs_metadata"
 # TF Serving's kInitialBatchSize: with several interpreters per pool, a request is cut into
 # mini-batches of ceil(500 / interpreters per pool) rows.
 _INITIAL_BATCH_SIZE = 500
+# The most dimensions an input may have beyond its tensor's own: LiteRT's kernels take up to 6 (more fail,
+# and from 11 on allocating the tensors crashes the process in the XNNPACK delegate, LiteRT 2.3.0).
+_MAX_RANK = 6
 
 
 def load(path: str, options: RuntimeOptions) -> TfLiteServable:
@@ -71,6 +74,7 @@ class _Binding:
     inputs: dict[str, int]  # alias -> tensor index in the primary subgraph (unused with a runner)
     outputs: dict[str, int]
     dtypes: dict[str, int]  # input alias -> the tensor's DataType
+    ranks: dict[str, int] = field(default_factory=dict)  # input alias -> the most dimensions it may have
 
 
 class _Slot:
@@ -123,10 +127,7 @@ class TfLiteServable:
         first = _interpreter(content)
         self._signature_defs, self._bindings = _signatures(content, first)
         runner_keys = sorted({b.runner_key for b in self._bindings.values() if b.runner_key is not None})
-        slots = [_Slot(content, runner_keys) for _ in range(interpreters)]
-        self._pool: queue.LifoQueue[_Slot] = queue.LifoQueue()
-        for slot in slots:
-            self._pool.put(slot)
+        self._pool = _Pool([_Slot(content, runner_keys) for _ in range(interpreters)])
         self._split_rows = 0
         self._splitter: ThreadPoolExecutor | None = None
         if per_pool > 1 and interpreters > 1:
@@ -157,7 +158,8 @@ class TfLiteServable:
         return [self.run(name, inputs, aliases, timeout_ms) for name, aliases in tasks]
 
     def _run_one(self, binding: _Binding, feeds: dict[str, np.ndarray], aliases: Sequence[str]) -> list[np.ndarray]:
-        with self._slot() as slot:
+        slot = self._pool.take()
+        try:
             try:
                 if binding.runner_key is not None:
                     results = slot.runners[binding.runner_key](**feeds)
@@ -180,25 +182,56 @@ class TfLiteServable:
             except (ValueError, RuntimeError) as exc:
                 slot.shapes.clear()  # a failed resize or allocation: the next call resizes and allocates again
                 raise ServingError(Code.INVALID_ARGUMENT, f"TFLite interpreter: {_text(exc)}") from None
-
-    @contextmanager
-    def _slot(self) -> Iterator[_Slot]:
-        slot = self._pool.get()
-        try:
-            yield slot
         finally:
-            self._pool.put(slot)
+            self._pool.give(slot)
 
     def close(self) -> None:
         if self._splitter is not None:
             self._splitter.shutdown(wait=False)
-        while not self._pool.empty():
-            self._pool.get_nowait()
+        self._pool.clear()
+
+
+class _Pool:
+    """Free interpreters. Taking one when some are free is a deque pop (queue.Queue's locks cost ~5 us
+    a call, as much as invoking a small model); a caller finding none waits to be told of a return."""
+
+    def __init__(self, slots: list[_Slot]) -> None:
+        self._free = deque(slots)
+        self._returned = threading.Condition()
+        self._waiting = 0
+
+    def take(self) -> _Slot:
+        try:
+            return self._free.pop()
+        except IndexError:
+            pass
+        with self._returned:
+            self._waiting += 1  # before the check, so a `give` after it sees a waiter and notifies
+            try:
+                while not self._free:
+                    self._returned.wait()
+                return self._free.pop()
+            finally:
+                self._waiting -= 1
+
+    def give(self, slot: _Slot) -> None:
+        self._free.append(slot)
+        if self._waiting:
+            with self._returned:
+                self._returned.notify()
+
+    def clear(self) -> None:
+        self._free.clear()
 
 
 def _checked(binding: _Binding, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inputs, if each has its tensor's type: the interpreter would reinterpret or reject the bytes."""
     for alias, value in inputs.items():
+        if value.ndim > binding.ranks[alias]:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"Input {alias} has {value.ndim} dimensions; the TFLite model takes at most {binding.ranks[alias]}",
+            )
         want, got = binding.dtypes[alias], tensors.dtype_of(value)
         if want != got:
             raise ServingError(
@@ -279,6 +312,8 @@ def _signatures(content: bytes, interpreter: Any) -> tuple[dict[str, meta_graph_
             {_legacy_name(n): t[1] for n, t in outputs.items()},
             {_legacy_name(n): t[2] for n, t in inputs.items()},
         )
+    for key, binding in bindings.items():
+        binding.ranks.update({a: max(_MAX_RANK, len(i.tensor_shape.dim)) for a, i in defs[key].inputs.items()})
     return defs, bindings
 
 
