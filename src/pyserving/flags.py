@@ -69,13 +69,13 @@ class Options:
     model_base_path: str = _flag("", "string", "Path to export (ignored if --model_config_file is set)")
     saved_model_tags: str = _flag("serve", "string", "Comma-separated set of tags of the MetaGraphDef to load")
     prefer_tflite_model: bool = _flag(
-        False, "bool", "EXPERIMENTAL: prefer model.tflite over saved_model.pb", pending="planned: the TFLite runtime"
+        False,
+        "bool",
+        "EXPERIMENTAL: serve a version folder's model.tflite instead of its SavedModel (pyserving[tflite])",
     )
-    num_tflite_pools: int = _flag(
-        _CPUS, INT32, "EXPERIMENTAL: TFLite interpreter pools per session", pending="planned: the TFLite runtime"
-    )
+    num_tflite_pools: int = _flag(_CPUS, INT32, "EXPERIMENTAL: TFLite interpreters per model version (min 1)")
     num_tflite_interpreters_per_pool: int = _flag(
-        1, INT32, "EXPERIMENTAL: TFLite interpreters per pool", pending="planned: the TFLite runtime"
+        1, INT32, "EXPERIMENTAL: > 1 runs a large request in mini-batches of ceil(500 / N) rows on several interpreters"
     )
     enable_signature_method_name_check: bool = _flag(
         False, "bool", "Require predict/classify/regress APIs to match the signature's method_name"

@@ -77,7 +77,14 @@ def _build(options: Options) -> _Server:
     intra, inter = options.parallelism()
     batcher = _batcher(options)
     loader = LoaderChain(
-        RuntimeOptions(tuple(options.saved_model_tag_list()), intra, inter),
+        RuntimeOptions(
+            tuple(options.saved_model_tag_list()),
+            intra,
+            inter,
+            options.prefer_tflite_model,
+            options.num_tflite_pools,
+            options.num_tflite_interpreters_per_pool,
+        ),
         batcher,
         options.enable_batching and options.enable_per_model_batching_parameters,
     )

@@ -9,6 +9,7 @@ installed).
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 
 from pyserving.runtimes.servable import Servable
@@ -21,6 +22,9 @@ TENSORFLOW_PLATFORM = "tensorflow"
 _RUNTIMES = {
     TENSORFLOW_PLATFORM: "pyserving.runtimes.tf_saved_model",
 }
+# --prefer_tflite_model: TF Serving keeps model_platform "tensorflow" and serves a version folder's
+# model.tflite instead of its SavedModel when the folder has one.
+_TFLITE_FILE, _TFLITE_RUNTIME = "model.tflite", "pyserving.runtimes.tflite_model"
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class RuntimeOptions:
     saved_model_tags: tuple[str, ...] = ("serve",)
     intra_op_parallelism: int = 0  # 0 = auto
     inter_op_parallelism: int = 0  # 0 = auto
+    prefer_tflite_model: bool = False
+    num_tflite_pools: int = 1  # interpreters per TFLite version
+    num_tflite_interpreters_per_pool: int = 1  # > 1: large requests run in mini-batches on several interpreters
 
 
 def platforms() -> frozenset[str]:
@@ -39,6 +46,13 @@ def platforms() -> frozenset[str]:
 
 def load(platform: str, path: str, options: RuntimeOptions) -> Servable:
     """Load the version folder `path` with the runtime of `platform` (a name from `platforms()`)."""
-    module = importlib.import_module(_RUNTIMES[platform])
+    name = _RUNTIMES[platform]
+    if (
+        platform == TENSORFLOW_PLATFORM
+        and options.prefer_tflite_model
+        and os.path.exists(os.path.join(path, _TFLITE_FILE))
+    ):
+        name = _TFLITE_RUNTIME
+    module = importlib.import_module(name)
     servable: Servable = module.load(path, options)
     return servable
