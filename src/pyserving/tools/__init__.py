@@ -71,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     example.add_argument("--version", type=int, default=1, help="version number (default: 1)")
     example.set_defaults(run=_run_example)
 
-    inspect = command("inspect", "Reads the SavedModel files only; nothing is loaded or run.")
+    inspect = command(
+        "inspect",
+        "Any runtime's version folders (SavedModel, model.onnx). Reads the model files only; nothing is\n"
+        "loaded or run (an ONNX graph is opened in ONNX Runtime, unoptimized, to read its inputs and outputs).",
+    )
     inspect.add_argument("path", help="a model base path or one version folder")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.add_argument("--tags", default="serve", help="MetaGraph tags (default: serve)")

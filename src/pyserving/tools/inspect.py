@@ -1,4 +1,8 @@
-"""`pyserving inspect`: the versions of a model and the signatures of its newest one."""
+"""`pyserving inspect`: the versions of a model, its runtime and the signatures of its newest version.
+
+Any runtime in the registry: the version folder's files say which (`registry.detect`), and the
+runtime reads its signatures as cheaply as it can (a SavedModel's are read from its .pb).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,10 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from pyserving.lifecycle.sources import parse_version, version_entries
-from pyserving.runtimes.tf_saved_model import SAVED_MODEL_FILES, read_signature_defs
+from pyserving.runtimes import registry
 from pyserving.tools import ToolError
 
-__all__ = ["describe", "newest_version", "render", "version_folders"]
+__all__ = ["describe", "newest_version", "render", "signatures_of", "version_folders"]
 
 
 def version_folders(base: str) -> dict[int, str]:
@@ -38,9 +42,16 @@ def newest_version(base: str, version: int | None = None) -> tuple[int, str]:
     return version, found[version]
 
 
+def signatures_of(folder: str, tags: list[str]) -> tuple[str, dict[str, meta_graph_pb2.SignatureDef]]:
+    """(platform, signatures) of a version folder; a folder no runtime recognises is read as a SavedModel,
+    whose error names the files it looked for."""
+    platform = registry.detect(folder) or registry.TENSORFLOW_PLATFORM
+    return platform, registry.signature_defs(platform, folder, registry.RuntimeOptions(saved_model_tags=tuple(tags)))
+
+
 def describe(path: str, tags: list[str]) -> dict:
-    """`{"versions": [...], "signatures": {...}}` for a base path or a version folder."""
-    if any(os.path.exists(os.path.join(path, f)) for f in SAVED_MODEL_FILES):
+    """`{"versions": [...], "platform": ..., "signatures": {...}}` for a base path or a version folder."""
+    if registry.detect(path) is not None:
         number = parse_version(os.path.basename(os.path.normpath(path)))
         versions, folder = ([number] if number is not None else []), path
     else:
@@ -48,8 +59,12 @@ def describe(path: str, tags: list[str]) -> dict:
         if not found:
             raise ToolError(f"No SavedModel and no numeric version folder at {path}")
         versions, folder = sorted(found), found[max(found)]
-    signatures = read_signature_defs(folder, tags)
-    return {"versions": versions, "signatures": {key: _signature(signatures[key]) for key in sorted(signatures)}}
+    platform, signatures = signatures_of(folder, tags)
+    return {
+        "versions": versions,
+        "platform": platform,
+        "signatures": {key: _signature(signatures[key]) for key in sorted(signatures)},
+    }
 
 
 def _signature(signature: meta_graph_pb2.SignatureDef) -> dict:
@@ -68,7 +83,10 @@ def _tensor(info: meta_graph_pb2.TensorInfo) -> dict:
 def render(description: dict, as_json: bool) -> str:
     if as_json:
         return json.dumps(description)
-    lines = [f"Versions: {', '.join(map(str, description['versions'])) or '(a version folder without a number)'}"]
+    lines = [
+        f"Versions: {', '.join(map(str, description['versions'])) or '(a version folder without a number)'}",
+        f"Platform: {description['platform']}",
+    ]
     for key, signature in description["signatures"].items():
         lines.append(f'Signature "{key}" ({signature["method_name"]})')
         for kind in ("inputs", "outputs"):
