@@ -3,7 +3,9 @@
 Every server runs the same SavedModel through TensorFlow on 127.0.0.1, one at a time, loaded by
 wrk (REST, 1 thread) or h2load (gRPC, 1 thread) for a fixed time per point; each point is repeated
 and the median reported. Also: the in-process floor (the signature called directly) and 1 MiB
-tensors through REST JSON and gRPC tensor_content. Writes bench/results/<time>.md and prints it.
+tensors through REST JSON and gRPC tensor_content. The same CNN as an ONNX model (model.onnx, built
+with the onnx helper API) runs through pyserving's ONNX runtime, beside ONNX Runtime called in-process
+as its floor (pyserving only: the peers serve SavedModels). Writes bench/results/<time>.md and prints it.
 
 Run `bench/run` (installs wrk, h2load and the peers first); `bench/run --quick` takes about a minute.
 """
@@ -34,7 +36,8 @@ import tensorflow as tf
 from _harness import free_port, wait_for_port
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from pyserving.runtimes.tf_saved_model import SavedModelServable, read_signature_defs, session_config
+from pyserving.runtimes import registry
+from pyserving.runtimes.tf_saved_model import SavedModelServable, session_config
 from pyserving.tools.example import export_half_plus_two
 
 HERE = Path(__file__).resolve().parent
@@ -77,12 +80,61 @@ def export_models(work: Path) -> dict[str, Path]:
         str(big / "1"),
         signatures={"upload": module.upload, "download": module.download, "roundtrip": module.roundtrip},
     )
-    return {"tiny": tiny, "cnn": work / "cnn", "big": big}
+    return {"tiny": tiny, "cnn": work / "cnn", "big": big, "onnx-cnn": work / "onnx-cnn"}
+
+
+def export_onnx_cnn(base: Path) -> Path | None:
+    """The CNN above as ONNX (NHWC input [N, 28, 28, 1] like the SavedModel's, random weights; dropout is
+    a no-op when serving); None if the `onnx` package (pyserving's test extra) is missing."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+
+    def weights(name: str, *shape: int) -> onnx.TensorProto:
+        scale = np.sqrt(2.0 / np.prod(shape[1:])) if len(shape) > 1 else 0.0
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Transpose", ["inputs"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w1", "b1"], ["c1"], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p2"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["output_0"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("inputs", TensorProto.FLOAT, ["batch", 28, 28, 1])],
+        [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[
+            weights("w1", 32, 1, 3, 3),
+            weights("b1", 32),
+            weights("w2", 64, 32, 3, 3),
+            weights("b2", 64),
+            weights("w3", 1600, 10),
+            weights("b3", 10),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (base / "1").mkdir(parents=True)
+    onnx.save(model, str(base / "1" / "model.onnx"))
+    return base
 
 
 def one_row(base: Path) -> tuple[str, np.ndarray]:
     """The serving_default input alias and one batch-1 example for it."""
-    signature = read_signature_defs(str(next(base.iterdir())), ["serve"])["serving_default"]
+    folder = str(next(base.iterdir()))
+    platform = registry.detect(folder) or registry.TENSORFLOW_PLATFORM
+    signature = registry.signature_defs(platform, folder, registry.RuntimeOptions())["serving_default"]
     alias, info = next(iter(signature.inputs.items()))
     shape = [1] + [max(d.size, 1) for d in info.tensor_shape.dim[1:]]
     return alias, np.full(shape, 0.5, np.float32)
@@ -266,21 +318,37 @@ def median_point(runs: list[dict]) -> dict:
 
 
 def floor(model: Path, seconds: float, repeats: int) -> dict:
-    """The signature called directly, one thread, batch 1: the best any server could do per call.
+    """The signature called directly, one thread, batch 1: the best any server could do per call. A SavedModel
+    runs in a TF Session; an ONNX model in an ONNX Runtime session with its default options, called directly.
 
     The first call is left out: TensorFlow optimises the graph then (seconds for the CNN on a busy machine).
     """
-    servable = SavedModelServable(str(next(model.iterdir())), ["serve"], session_config(0, 0))
-    signature = servable.signature_defs["serving_default"]
+    folder = str(next(model.iterdir()))
     alias, row = one_row(model)
-    outputs = sorted(signature.outputs)
-    servable.run("serving_default", {alias: row}, outputs, 0)
+    if registry.detect(folder) == registry.ONNX_PLATFORM:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])
+
+        def call() -> object:
+            return session.run(None, {alias: row})
+
+        close = None
+    else:
+        servable = SavedModelServable(folder, ["serve"], session_config(0, 0))
+        outputs = sorted(servable.signature_defs["serving_default"].outputs)
+
+        def call() -> object:
+            return servable.run("serving_default", {alias: row}, outputs, 0)
+
+        close = servable.close
+    call()
     runs = []
     for _ in range(repeats):
         samples, end = [], time.monotonic() + seconds
         while time.monotonic() < end:
             start = time.perf_counter()
-            servable.run("serving_default", {alias: row}, outputs, 0)
+            call()
             samples.append((time.perf_counter() - start) * 1e3)
         samples.sort()
         runs.append(
@@ -291,7 +359,8 @@ def floor(model: Path, seconds: float, repeats: int) -> dict:
                 "errors": 0,
             }
         )
-    servable.close()
+    if close is not None:
+        close()
     return median_point(runs)
 
 
@@ -362,7 +431,7 @@ def big_tensors(model: Path, work: Path, repeats: int) -> list[tuple[str, float,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 and 64 connections, short points")
-    parser.add_argument("--models", help="comma-separated subset of tiny,cnn")
+    parser.add_argument("--models", help="comma-separated subset of tiny,cnn,onnx-cnn")
     parser.add_argument("--servers", help="comma-separated subset of the server names")
     parser.add_argument("--connections", help="comma-separated connection counts")
     parser.add_argument("--seconds", type=float)
@@ -385,15 +454,20 @@ def main() -> None:
     table: dict[tuple[str, str, int], dict] = {}
     if args.servers:
         servers = [s for s in servers if s in args.servers.split(",")]
-    chosen = args.models.split(",") if args.models else (["tiny"] if args.quick else ["tiny", "cnn"])
+    chosen = args.models.split(",") if args.models else (["tiny"] if args.quick else ["tiny", "cnn", "onnx-cnn"])
     for model_name in chosen:
         model = models[model_name]
+        if model_name == "onnx-cnn" and export_onnx_cnn(model) is None:
+            print("skipping onnx-cnn: the onnx package is missing (bin/install --test)", file=sys.stderr)
+            continue
         alias, row = one_row(model)
         table[(model_name, "in-process floor (1 thread)", 1)] = floor(model, seconds, repeats)
         for server in servers:
             kind = {"kserve": "kserve", "mlserver": "mlserver"}.get(server, "pyserving")
             if "batching" in server:
                 kind = "pyserving batching"
+            if kind in ("kserve", "mlserver") and model_name == "onnx-cnn":
+                continue  # the peers serve SavedModels through TensorFlow
             if kind in ("kserve", "mlserver") and not (VENVS / kind).exists():
                 print(f"skipping {server}: run bench/setup", file=sys.stderr)
                 continue
@@ -427,7 +501,7 @@ def render(table, big, seconds, repeats) -> str:
         f"{repeats}; batch-1 requests. Ratios are against KServe at the same point.",
         "",
     ]
-    for model in sorted({key[0] for key in table}, key=lambda m: m != "tiny"):
+    for model in sorted({key[0] for key in table}, key=lambda m: (m != "tiny", m)):
         lines += [
             f"## {model}",
             "",

@@ -67,6 +67,13 @@ class Options:
     # Model selection and runtime
     model_name: str = _flag("default", "string", "Name of model (ignored if --model_config_file is set)")
     model_base_path: str = _flag("", "string", "Path to export (ignored if --model_config_file is set)")
+    model_platform: str = _flag(
+        "",
+        "string",
+        "pyserving: runtime of the --model_name model, tensorflow or onnx (ignored if --model_config_file is set). "
+        "Empty: detected from the newest version folder at start-up (model.onnx and no saved_model.pb: onnx; "
+        "else tensorflow)",
+    )
     saved_model_tags: str = _flag("serve", "string", "Comma-separated set of tags of the MetaGraphDef to load")
     prefer_tflite_model: bool = _flag(
         False,

@@ -16,6 +16,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tflite_models import tflite_half_plus_two, write_tflite
 
 from pyserving.runtimes import tflite_model
+from pyserving.runtimes.registry import RuntimeOptions
 
 if SHARED_TESTDATA is None:
     pytest.skip(
@@ -45,8 +46,8 @@ def _described(signatures: dict) -> dict:
 @pytest.mark.parametrize(("folder", "kind", "x_name"), MODELS, ids=[m[0] for m in MODELS])
 def test_converted_copies_have_tf_servings_signatures(tmp_path, folder, kind, x_name):
     copy = write_tflite(tmp_path, 1, tflite_half_plus_two(kind))
-    original = _described(tflite_model.read_signature_defs(str(SHARED_TESTDATA / folder / "00000123")))
-    assert _described(tflite_model.read_signature_defs(str(copy))) == original
+    original = _described(tflite_model.signature_defs(str(SHARED_TESTDATA / folder / "00000123"), RuntimeOptions()))
+    assert _described(tflite_model.signature_defs(str(copy), RuntimeOptions())) == original
     predict = "tensorflow/serving/predict"
     assert original == {
         "serving_default": (

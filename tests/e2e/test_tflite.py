@@ -8,6 +8,7 @@ status, versions and labels, batching, warmup, load failures and bad input.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from helpers import (
     grpc_predict,
     post,
     predict_request,
+    run_cli,
     statuses,
     wait_for,
     write_config,
@@ -203,6 +205,28 @@ def test_without_the_flag_a_folder_with_both_serves_its_saved_model(start_server
     # The SavedModel's five signatures against the TFLite model's one.
     signatures = requests.get(f"{plain.rest}/v1/models/m/metadata", timeout=10).json()["metadata"]["signature_def"]
     assert len(signatures["signature_def"]) == 5
+
+
+def test_inspect_shows_what_the_flag_would_serve(tmp_path):
+    base = tmp_path / "m"
+    export_half_plus_two(base, 123)
+    (base / "00000123" / "model.tflite").write_bytes(tflite_half_plus_two("none"))
+    write_tflite(tmp_path / "only", 7, tflite_half_plus_two("none"))
+    both = json.loads(run_cli("inspect", str(base), "--json").stdout)
+    assert (both["versions"], both["platform"], both["runtime"]) == ([123], "tensorflow", "tf_saved_model")
+    assert len(both["signatures"]) == 5
+    preferred = json.loads(run_cli("inspect", str(base), "--json", "--prefer_tflite_model").stdout)
+    only = run_cli("inspect", str(tmp_path / "only")).stdout
+    assert preferred["runtime"] == "tflite_model"
+    assert preferred["signatures"] == {
+        "serving_default": {
+            "method_name": "tensorflow/serving/predict",
+            "inputs": {"x": {"dtype": "DT_FLOAT", "shape": [1, 1], "name": "x"}},
+            "outputs": {"y": {"dtype": "DT_FLOAT", "shape": [1, 1], "name": "y"}},
+        }
+    }
+    assert only.startswith("Versions: 7\nPlatform: tensorflow (runtime: tflite_model)\n"), only
+    assert 'Signature "serving_default" (tensorflow/serving/predict)\n  inputs:\n    x: DT_FLOAT [1, 1] (x)\n' in only
 
 
 def test_a_corrupt_model_tflite_fails_its_version_and_the_older_one_keeps_serving(start_server, tmp_path):

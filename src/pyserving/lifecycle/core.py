@@ -55,7 +55,9 @@ class ServerCore:
     def initial_configs(self) -> list[ModelConfig]:
         """The models to serve at start-up: the config file if given, else the single-model flags."""
         if self.config_file is None:
-            return model_config.single_model(self._options.model_name, self._options.model_base_path)
+            return model_config.single_model(
+                self._options.model_name, self._options.model_base_path, self._options.model_platform
+            )
         self._file_configs = model_config.from_proto(self.config_file.read())
         return self._file_configs
 

@@ -1,7 +1,9 @@
 """The runtimes, by `model_platform`: which module turns a version folder into a `Servable`.
 
-A runtime is a module with `load(path, options) -> Servable`; adding one is that
-module plus one line in `_RUNTIMES`. Modules are imported on first use, so a
+A runtime is a module with `load(path, options) -> Servable` and
+`signature_defs(path, options)` (what a version folder serves, for tools); adding
+one is that module plus one line in `_RUNTIMES` and, if a file marks its version
+folders, one in `_MARKERS`. Modules are imported on first use, so a
 platform nobody serves costs nothing (and its optional dependencies need not be
 installed).
 """
@@ -12,15 +14,34 @@ import importlib
 import os
 from dataclasses import dataclass
 
+from tensorflow.core.protobuf import meta_graph_pb2
+
 from pyserving.runtimes.servable import Servable
 
-__all__ = ["TENSORFLOW_PLATFORM", "RuntimeOptions", "load", "platforms"]
+__all__ = [
+    "ONNX_PLATFORM",
+    "TENSORFLOW_PLATFORM",
+    "RuntimeOptions",
+    "detect",
+    "load",
+    "platforms",
+    "runtime",
+    "signature_defs",
+]
 
 TENSORFLOW_PLATFORM = "tensorflow"
+ONNX_PLATFORM = "onnx"
 
 # model_platform -> module implementing it.
 _RUNTIMES = {
     TENSORFLOW_PLATFORM: "pyserving.runtimes.tf_saved_model",
+    ONNX_PLATFORM: "pyserving.runtimes.onnx_model",
+}
+
+# model_platform -> files that mark a version folder as its own, in detection order (a SavedModel wins).
+_MARKERS = {
+    TENSORFLOW_PLATFORM: ("saved_model.pb", "saved_model.pbtxt", "model.tflite"),
+    ONNX_PLATFORM: ("model.onnx",),
 }
 # --prefer_tflite_model: TF Serving keeps model_platform "tensorflow" and serves a version folder's
 # model.tflite instead of its SavedModel when the folder has one.
@@ -44,15 +65,33 @@ def platforms() -> frozenset[str]:
     return frozenset(_RUNTIMES)
 
 
-def load(platform: str, path: str, options: RuntimeOptions) -> Servable:
-    """Load the version folder `path` with the runtime of `platform` (a name from `platforms()`)."""
-    name = _RUNTIMES[platform]
+def runtime(platform: str, path: str, options: RuntimeOptions) -> str:
+    """The module that serves the version folder `path` of a `platform` model (a name from `platforms()`)."""
     if (
         platform == TENSORFLOW_PLATFORM
         and options.prefer_tflite_model
         and os.path.exists(os.path.join(path, _TFLITE_FILE))
     ):
-        name = _TFLITE_RUNTIME
-    module = importlib.import_module(name)
-    servable: Servable = module.load(path, options)
+        return _TFLITE_RUNTIME
+    return _RUNTIMES[platform]
+
+
+def load(platform: str, path: str, options: RuntimeOptions) -> Servable:
+    """Load the version folder `path` with the runtime of `platform` (a name from `platforms()`)."""
+    servable: Servable = importlib.import_module(runtime(platform, path, options)).load(path, options)
     return servable
+
+
+def detect(version_folder: str) -> str | None:
+    """The platform whose marker file the version folder holds (the first in `_MARKERS` order), else None."""
+    for platform, files in _MARKERS.items():
+        if any(os.path.isfile(os.path.join(version_folder, f)) for f in files):
+            return platform
+    return None
+
+
+def signature_defs(platform: str, path: str, options: RuntimeOptions) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """What the version folder `path` would serve, read as cheaply as its runtime allows (nothing is run)."""
+    module = importlib.import_module(runtime(platform, path, options))
+    signatures: dict[str, meta_graph_pb2.SignatureDef] = module.signature_defs(path, options)
+    return signatures

@@ -32,7 +32,7 @@ from pyserving.errors import Code, ServingError, from_tf_error
 from pyserving.runtimes import custom_ops
 from pyserving.runtimes.registry import RuntimeOptions
 
-__all__ = ["SAVED_MODEL_FILES", "SavedModelServable", "load", "read_signature_defs", "session_config"]
+__all__ = ["SAVED_MODEL_FILES", "SavedModelServable", "load", "read_signature_defs", "session_config", "signature_defs"]
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # Feed/fetch combinations are few per signature; the bound only stops a client
@@ -70,6 +70,11 @@ def read_signature_defs(path: str, tags: list[str]) -> dict[str, meta_graph_pb2.
             return dict(meta_graph.signature_def)
     available = [",".join(m.meta_info_def.tags) for m in saved_model.meta_graphs]
     raise ServingError(Code.NOT_FOUND, f"No MetaGraph tagged {','.join(tags)} in {file} (found: {available})")
+
+
+def signature_defs(path: str, options: RuntimeOptions) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The registry's reader for tools: `read_signature_defs` with the server's tags."""
+    return read_signature_defs(path, list(options.saved_model_tags))
 
 
 # The inter-op pool that auto parallelism names: shared by every session, used by loads

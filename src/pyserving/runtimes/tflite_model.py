@@ -38,7 +38,7 @@ from pyserving.errors import Code, ServingError
 from pyserving.runtimes.registry import RuntimeOptions
 from pyserving.runtimes.servable import DEFAULT_SIGNATURE, PREDICT_METHOD
 
-__all__ = ["TFLITE_FILE", "TfLiteServable", "load", "read_signature_defs"]
+__all__ = ["TFLITE_FILE", "TfLiteServable", "load", "signature_defs"]
 
 TFLITE_FILE = "model.tflite"
 # The model metadata entry that holds a flexbuffer map: signature key -> serialized SignatureDef.
@@ -58,8 +58,8 @@ def load(path: str, options: RuntimeOptions) -> TfLiteServable:
     return TfLiteServable(content, max(1, options.num_tflite_pools), options.num_tflite_interpreters_per_pool)
 
 
-def read_signature_defs(path: str) -> dict[str, meta_graph_pb2.SignatureDef]:
-    """The signatures a version folder's `model.tflite` is served with (for `pyserving inspect`)."""
+def signature_defs(path: str, options: RuntimeOptions) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The registry's reader for tools: the signatures a version folder's `model.tflite` is served with."""
     with open(os.path.join(path, TFLITE_FILE), "rb") as file:
         content = file.read()
     interpreter = _interpreter(content)

@@ -71,10 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     example.add_argument("--version", type=int, default=1, help="version number (default: 1)")
     example.set_defaults(run=_run_example)
 
-    inspect = command("inspect", "Reads the SavedModel files only; nothing is loaded or run.")
+    inspect = command(
+        "inspect",
+        "Any runtime's version folders (SavedModel, model.tflite, model.onnx). Reads the model files only; nothing is\n"
+        "loaded or run (an ONNX graph is opened in ONNX Runtime, unoptimized, to read its inputs and outputs).",
+    )
     inspect.add_argument("path", help="a model base path or one version folder")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.add_argument("--tags", default="serve", help="MetaGraph tags (default: serve)")
+    inspect.add_argument(
+        "--prefer_tflite_model",
+        action="store_true",
+        help="show model.tflite's signatures where a folder has a SavedModel too, as the server's flag serves it",
+    )
     inspect.set_defaults(run=_run_inspect)
 
     convert = command(
@@ -127,7 +136,7 @@ def _run_example(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from pyserving.tools import inspect
 
-    print(inspect.render(inspect.describe(args.path, args.tags.split(",")), args.json))
+    print(inspect.render(inspect.describe(args.path, args.tags.split(","), args.prefer_tflite_model), args.json))
     return 0
 
 

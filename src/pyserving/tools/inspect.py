@@ -1,4 +1,8 @@
-"""`pyserving inspect`: the versions of a model and the signatures of its newest one."""
+"""`pyserving inspect`: the versions of a model, its runtime and the signatures of its newest version.
+
+Any runtime in the registry: the version folder's files say which (`registry.detect`), and the
+runtime reads its signatures as cheaply as it can (a SavedModel's are read from its .pb).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from pyserving.lifecycle.sources import parse_version, version_entries
-from pyserving.runtimes.tf_saved_model import SAVED_MODEL_FILES, read_signature_defs
+from pyserving.runtimes import registry
+from pyserving.runtimes.tf_saved_model import SAVED_MODEL_FILES
 from pyserving.tools import ToolError
 
-__all__ = ["describe", "newest_version", "render", "version_folders"]
+__all__ = ["describe", "newest_version", "render", "signatures_of", "version_folders"]
 
 
 def version_folders(base: str) -> dict[int, str]:
@@ -38,9 +43,24 @@ def newest_version(base: str, version: int | None = None) -> tuple[int, str]:
     return version, found[version]
 
 
-def describe(path: str, tags: list[str]) -> dict:
-    """`{"versions": [...], "signatures": {...}}` for a base path or a version folder."""
-    if any(os.path.exists(os.path.join(path, f)) for f in SAVED_MODEL_FILES):
+def signatures_of(
+    folder: str, tags: list[str], prefer_tflite_model: bool = False
+) -> tuple[str, str, dict[str, meta_graph_pb2.SignatureDef]]:
+    """(platform, runtime module, signatures) of a version folder, as the server would serve it; a folder no
+    runtime recognises is read as a SavedModel, whose error names the files it looked for. A folder whose only
+    model is `model.tflite` is read as the server serves it with --prefer_tflite_model."""
+    platform = registry.detect(folder) or registry.TENSORFLOW_PLATFORM
+    only_tflite = not any(os.path.isfile(os.path.join(folder, f)) for f in SAVED_MODEL_FILES)
+    options = registry.RuntimeOptions(
+        saved_model_tags=tuple(tags), prefer_tflite_model=prefer_tflite_model or only_tflite
+    )
+    runtime = registry.runtime(platform, folder, options)
+    return platform, runtime.rsplit(".", 1)[-1], registry.signature_defs(platform, folder, options)
+
+
+def describe(path: str, tags: list[str], prefer_tflite_model: bool = False) -> dict:
+    """`{"versions": [...], "platform": ..., "signatures": {...}}` for a base path or a version folder."""
+    if registry.detect(path) is not None:
         number = parse_version(os.path.basename(os.path.normpath(path)))
         versions, folder = ([number] if number is not None else []), path
     else:
@@ -48,8 +68,13 @@ def describe(path: str, tags: list[str]) -> dict:
         if not found:
             raise ToolError(f"No SavedModel and no numeric version folder at {path}")
         versions, folder = sorted(found), found[max(found)]
-    signatures = read_signature_defs(folder, tags)
-    return {"versions": versions, "signatures": {key: _signature(signatures[key]) for key in sorted(signatures)}}
+    platform, runtime, signatures = signatures_of(folder, tags, prefer_tflite_model)
+    return {
+        "versions": versions,
+        "platform": platform,
+        "runtime": runtime,
+        "signatures": {key: _signature(signatures[key]) for key in sorted(signatures)},
+    }
 
 
 def _signature(signature: meta_graph_pb2.SignatureDef) -> dict:
@@ -68,7 +93,10 @@ def _tensor(info: meta_graph_pb2.TensorInfo) -> dict:
 def render(description: dict, as_json: bool) -> str:
     if as_json:
         return json.dumps(description)
-    lines = [f"Versions: {', '.join(map(str, description['versions'])) or '(a version folder without a number)'}"]
+    lines = [
+        f"Versions: {', '.join(map(str, description['versions'])) or '(a version folder without a number)'}",
+        f"Platform: {description['platform']} (runtime: {description['runtime']})",
+    ]
     for key, signature in description["signatures"].items():
         lines.append(f'Signature "{key}" ({signature["method_name"]})')
         for kind in ("inputs", "outputs"):

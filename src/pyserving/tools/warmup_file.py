@@ -26,10 +26,9 @@ from pyserving.protocols.tfs.json import examples, predict_request
 from pyserving.protocols.tfs.json.document import signature_name
 from pyserving.protocols.tfs.warmup import WARMUP_FILE
 from pyserving.runtimes.servable import DEFAULT_SIGNATURE
-from pyserving.runtimes.tf_saved_model import read_signature_defs
 from pyserving.serving import classify_regress
 from pyserving.tools import ToolError
-from pyserving.tools.inspect import newest_version
+from pyserving.tools.inspect import newest_version, signatures_of
 
 __all__ = ["write"]
 
@@ -37,7 +36,7 @@ __all__ = ["write"]
 def write(base_path: str, requests_file: str, version: int | None, tags: list[str]) -> tuple[str, int]:
     """Write the warmup file of `version` (default: newest); return its path and record count."""
     _, folder = newest_version(base_path, version)
-    signatures = read_signature_defs(folder, tags)
+    _, _, signatures = signatures_of(folder, tags)
     try:
         with open(requests_file, "rb") as handle:
             bodies = json.loads(handle.read())
