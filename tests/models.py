@@ -135,6 +135,30 @@ def export_wrapped_keras(base: Path) -> Path:
     return base
 
 
+def export_identity_read_keras(base: Path) -> Path:
+    """`export_wrapped_keras` edited so that the Session path's fixed restore cannot key its variables, while
+    `tf.saved_model.load` (which reads only the object graph and functions, not the main graph) still serves it.
+
+    No public API export tried on TF 2.21 reproduces an unkeyed variable (a tf.Module's ShardedVariable
+    under a partitioned ParameterServerStrategy loads through the restore op itself; Keras 3 models with
+    BatchNormalization, Normalization, Embedding, LSTM, StringLookup or a shared layer through the fixed
+    restore; Keras 3 under that strategy does not save), so the main graph is edited: the signature's call
+    reads each variable handle through an Identity, which hides which object graph node the handle stands for."""
+    export_wrapped_keras(base)
+    file = base / "1" / "saved_model.pb"
+    saved_model = saved_model_pb2.SavedModel.FromString(file.read_bytes())
+    graph = saved_model.meta_graphs[0].graph_def
+    ops = {node.name: node.op for node in graph.node}
+    call = next(node for node in graph.node if node.name == "StatefulPartitionedCall")
+    for i, name in enumerate(call.input):
+        if ops.get(name) == "VarHandleOp":
+            identity = graph.node.add(name=f"{name}/read_through", op="Identity", input=[name])
+            identity.attr["T"].type = tf.resource.as_datatype_enum
+            call.input[i] = identity.name
+    file.write_bytes(saved_model.SerializeToString())
+    return base
+
+
 def export_keras_variants(base: Path) -> dict[str, Path]:
     """The same Keras Sequential model exported four ways, each a base path with version 1:
 

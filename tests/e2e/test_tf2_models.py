@@ -11,8 +11,10 @@ import pytest
 import requests
 import tensorflow as tf
 from helpers import copy_version, post, run_cli, wait_for, write_config
-from models import export_increment, export_keras_variants, export_text_tokenizer
+from models import export_identity_read_keras, export_increment, export_keras_variants, export_text_tokenizer
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tf_serving_models import MONITORING_CONFIG_TEXT
 
 KERAS_VARIANTS = ("keras_export", "keras_saved_model", "keras_mirrored", "legacy_keras")
 # TF Text's library holding WhitespaceTokenizeWithOffsetsV2 (found without importing tensorflow_text here).
@@ -131,3 +133,65 @@ def test_model_needing_an_unregistered_op_fails_its_load_and_the_old_version_ser
     r = post(server.rest + "/v1/models/inc:predict", {"instances": [1.5, -1.0]})
     assert r.json() == {"predictions": [2.5, 0.0]}
     assert re.search(r"PyservingTestMissingOp", server.output())
+
+
+def test_model_the_session_cannot_restore_serves_through_signature_functions(start_server, tmp_path):
+    """A TF2 SavedModel whose variables neither the restore op nor the fixed restore fill, but that
+    tf.saved_model.load restores, is served through its signature functions: exact values over REST and
+    gRPC, shapes unchecked (the op's own error, a 400), runtime "TF2" in metrics, and one log line why."""
+    base = export_identity_read_keras(tmp_path / "identity_read")
+    monitoring = tmp_path / "monitoring.config"
+    monitoring.write_text(MONITORING_CONFIG_TEXT)
+    server = start_server("--model_name=keras", f"--model_base_path={base}", f"--monitoring_config_file={monitoring}")
+    r = post(f"{server.rest}/v1/models/keras:predict", {"instances": [[1.0, 2.0], [0.0, -1.0], [0.5, 0.5]]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"predictions": [[9.0], [-2.0], [3.5]]}
+    request = predict_pb2.PredictRequest(model_spec={"name": "keras"})
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([[1.0, 2.0]], np.float32)))
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = stub.Predict(request, timeout=30)
+        assert tf.make_ndarray(response.outputs["y"]).tolist() == [[9.0]]
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([[1.0, 2.0, 3.0]], np.float32)))
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Predict(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("Matrix size-incompatible: In[0]: [1,3], In[1]: [2,1]\n")
+    r = post(f"{server.rest}/v1/models/keras:predict", {"instances": [[1.0, 2.0, 3.0]]})
+    assert r.status_code == 400
+    assert r.json()["error"].startswith("Matrix size-incompatible: In[0]: [1,3], In[1]: [2,1]\n")
+    lines = requests.get(server.rest + "/monitoring/prometheus/metrics", timeout=10).text.splitlines()
+    assert ':tensorflow:serving:runtime_latency_count{API="Predict",model_name="keras",runtime="TF2"} 2.0' in lines
+    # Keras numbers its layer names per process (sequential_1/dense_2/...).
+    assert re.search(
+        rf"Serving {re.escape(str(base / '1'))} through TF2 signature functions \(runtime TF2\): The signatures "
+        r"read variables that the SavedModel does not restore: sequential\w*/dense\w*/bias, "
+        r"sequential\w*/dense\w*/kernel\. Neither its restore op nor its object graph's checkpoint keys fill them\.\n",
+        server.output(),
+    )
+
+
+def test_model_neither_the_session_nor_tf_saved_model_load_can_restore_fails_at_load(tmp_path):
+    """The same model with its object graph's path to the Keras model renamed: TF2's loader matches no
+    checkpoint value to the variables either, so the load fails with both reasons."""
+    base = export_identity_read_keras(tmp_path / "identity_read")
+    file = base / "1" / "saved_model.pb"
+    saved_model = saved_model_pb2.SavedModel.FromString(file.read_bytes())
+    (child,) = (c for c in saved_model.meta_graphs[0].object_graph_def.nodes[0].children if c.local_name == "model")
+    child.local_name = "renamed_model"
+    file.write_bytes(saved_model.SerializeToString())
+    result = run_cli(
+        "--model_name=keras",
+        f"--model_base_path={base}",
+        "--max_num_load_retries=0",
+        "--port=0",
+        f"--grpc_socket_path={tmp_path / 's'}",
+    )
+    assert result.returncode == 255
+    assert re.search(
+        r"\{name: keras version: 1\} due to error: FAILED_PRECONDITION: The signatures read variables that the "
+        r"SavedModel does not restore: sequential\w*/dense\w*/bias, sequential\w*/dense\w*/kernel\. Neither its "
+        r"restore op nor its object graph's checkpoint keys fill them\. tf.saved_model.load cannot serve it either: "
+        r"Found 2 Python objects that were not bound to checkpointed values",
+        result.stdout,
+    )

@@ -6,11 +6,15 @@ signature function, TF1 exports (half_plus_three, the stateful counter) only loa
 this way, and it is what TF Serving itself does. Callables are built with
 `Session._make_callable_from_options` because the public `Session.run` /
 `make_callable` check feeds against declared shapes, which TF Serving never does.
+
+A TF2 SavedModel whose variables the Session cannot restore is served through TF2's signature
+functions instead (`tf_signature_functions`); `load` picks the path and logs why.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -31,8 +35,19 @@ from tensorflow.python.framework import op_def_registry
 from pyserving.errors import Code, ServingError, from_tf_error
 from pyserving.runtimes import custom_ops
 from pyserving.runtimes.registry import RuntimeOptions
+from pyserving.runtimes.servable import Servable
 
-__all__ = ["SAVED_MODEL_FILES", "SavedModelServable", "load", "read_signature_defs", "session_config", "signature_defs"]
+__all__ = [
+    "SAVED_MODEL_FILES",
+    "SavedModelServable",
+    "VariablesNotRestored",
+    "load",
+    "read_signature_defs",
+    "session_config",
+    "signature_defs",
+]
+
+log = logging.getLogger("pyserving")
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # Feed/fetch combinations are few per signature; the bound only stops a client
@@ -82,10 +97,45 @@ def signature_defs(path: str, options: RuntimeOptions) -> dict[str, meta_graph_p
 _SHARED_INTER_OP_POOL = "pyserving_inter_op"
 
 
-def load(path: str, options: RuntimeOptions) -> SavedModelServable:
-    """The registry's entry point: a SavedModel version folder as a servable."""
+class VariablesNotRestored(ServingError):
+    """The Session path's load failure for signatures that read variables nothing restores."""
+
+    def __init__(self, handles: list[str], meta_graph: meta_graph_pb2.MetaGraphDef) -> None:
+        super().__init__(
+            Code.FAILED_PRECONDITION,
+            f"The signatures read variables that the SavedModel does not restore: {', '.join(handles)}. "
+            "Neither its restore op nor its object graph's checkpoint keys fill them.",
+        )
+        self.signature_defs = dict(meta_graph.signature_def)
+        # Only a TF2 SavedModel has one. TF2 loads a TF1 one through its restore op and graph, as the Session
+        # path does, and its signature functions then fail every call on the same variables.
+        self.has_object_graph = bool(meta_graph.object_graph_def.nodes)
+
+
+def load(path: str, options: RuntimeOptions) -> Servable:
+    """The registry's entry point: a SavedModel version folder as a servable.
+
+    The Session path first; a TF2 model whose variables it cannot restore is served through TF2's signature
+    functions if `tf.saved_model.load` restores them. If that fails too, the Session path's error stands
+    (it names the variables), with TF2's reason appended.
+    """
     config = session_config(options.intra_op_parallelism, options.inter_op_parallelism)
-    return SavedModelServable(path, list(options.saved_model_tags), config)
+    tags = list(options.saved_model_tags)
+    try:
+        return SavedModelServable(path, tags, config)
+    except VariablesNotRestored as exc:
+        if not exc.has_object_graph:
+            raise
+        from pyserving.runtimes.tf_signature_functions import SignatureFunctionServable
+
+        try:
+            servable = SignatureFunctionServable(path, tags, exc.signature_defs)
+        except ServingError as fallback:
+            raise ServingError(
+                exc.code, f"{exc.message} tf.saved_model.load cannot serve it either: {fallback.message}"
+            ) from None
+        log.info("Serving %s through TF2 signature functions (runtime TF2): %s", path, exc.message)
+        return servable
 
 
 @functools.cache
@@ -263,11 +313,7 @@ class SavedModelServable:
         if missing:
             missing = self._restore_from_object_graph(path, meta_graph, missing, read)
         if missing:
-            raise ServingError(
-                Code.FAILED_PRECONDITION,
-                f"The signatures read variables that the SavedModel does not restore: {', '.join(missing)}. "
-                "Neither its restore op nor its object graph's checkpoint keys fill them.",
-            )
+            raise VariablesNotRestored(missing, meta_graph)
 
     def _uninitialized(self, handles: list[str]) -> list[str]:
         """The VarHandleOp nodes among `handles` whose variable holds no value."""
