@@ -93,3 +93,74 @@ def export_onnx_text(base: Path, version: int = 1) -> Path:
         ],
     )
     return _save(graph, base / str(version))
+
+
+# The flower model's weights: size [batch, 2] @ FLOWER_WEIGHTS (+ count) = scores [batch, 3].
+FLOWER_WEIGHTS = np.array([[1, 0, 2], [0, 1, 1]], np.float32)
+
+
+def export_onnx_flowers(base: Path, version: int = 1) -> Path:
+    """A classifier and regressor in one graph, fed from tf.Example features of every kind.
+
+    size float32 [batch, 2], count int64 [batch], color string [batch, 1] ->
+    scores = size @ FLOWER_WEIGHTS + count (float32 [batch, 3]),
+    classes = [color, "iris", "rose"] per row (string [batch, 3]: the color shows string features arrive),
+    outputs = size[0] + size[1] + count (float32 [batch, 1]).
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["count"], ["count_float"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["count_float", "axis_one"], ["count_column"]),
+            helper.make_node("MatMul", ["size", "weights"], ["product"]),
+            helper.make_node("Add", ["product", "count_column"], ["scores"]),
+            helper.make_node("Shape", ["color"], ["color_shape"]),
+            helper.make_node("Slice", ["color_shape", "zero", "one", "zero"], ["rows_shape"]),
+            helper.make_node("Concat", ["rows_shape", "two"], ["labels_shape"], axis=0),
+            helper.make_node("Expand", ["names", "labels_shape"], ["labels"]),
+            helper.make_node("Concat", ["color", "labels"], ["classes"], axis=1),
+            helper.make_node("ReduceSum", ["size", "axis_one"], ["size_sum"], keepdims=1),
+            helper.make_node("Add", ["size_sum", "count_column"], ["outputs"]),
+        ],
+        "flowers",
+        [
+            helper.make_tensor_value_info("size", TensorProto.FLOAT, ["batch", 2]),
+            helper.make_tensor_value_info("count", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("color", TensorProto.STRING, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("classes", TensorProto.STRING, ["batch", 3]),
+            helper.make_tensor_value_info("outputs", TensorProto.FLOAT, ["batch", 1]),
+        ],
+        initializer=[
+            numpy_helper.from_array(FLOWER_WEIGHTS, "weights"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis_one"),
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array([2], np.int64), "two"),
+            helper.make_tensor("names", TensorProto.STRING, [1, 2], [b"iris", b"rose"]),
+        ],
+    )
+    return _save(graph, base / str(version))
+
+
+def export_onnx_ranker(base: Path, version: int = 1) -> Path:
+    """A classifier whose classes are int64 indices: x float32 [batch, 3] -> the top 2 of x * 10,
+    scores float32 [batch, 2] and classes int64 [batch, 2] (their indices)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "ten"], ["scaled"]),
+            helper.make_node("TopK", ["scaled", "k"], ["scores", "classes"], axis=1),
+        ],
+        "ranker",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 2]),
+            helper.make_tensor_value_info("classes", TensorProto.INT64, [None, 2]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array(10, np.float32), "ten"),
+            numpy_helper.from_array(np.array([2], np.int64), "k"),
+        ],
+    )
+    return _save(graph, base / str(version))

@@ -13,12 +13,15 @@ import pytest
 import requests
 import tensorflow as tf
 from helpers import copy_version, post, run_cli, statuses, wait_for, write_warmup
-from onnx_models import export_onnx_classifier, export_onnx_scaler
+from onnx_models import export_onnx_classifier, export_onnx_flowers, export_onnx_scaler
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
+    inference_pb2,
     predict_pb2,
     prediction_log_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
 pytest.importorskip("onnxruntime")
@@ -51,13 +54,14 @@ def models(tmp_path_factory):
     warmup.predict_log.request.CopyFrom(scaler_request([[1, 2, 3]], [1]))
     write_warmup(root / "scaler" / "2", [warmup.SerializeToString()] * 2)
     export_onnx_classifier(root / "classifier")
+    export_onnx_flowers(root / "flowers")
     (root / "monitoring.config").write_text("prometheus_config { enable: true }")
     return root
 
 
 @pytest.fixture(scope="module")
 def server(start_server, models):
-    """Both models from a config file (model_platform "onnx"): scaler versions 1 and 2, labelled."""
+    """The models from a config file (model_platform "onnx"): scaler versions 1 and 2, labelled."""
     config = models / "models.config"
     config.write_text(
         "model_config_list {\n"
@@ -65,6 +69,7 @@ def server(start_server, models):
         "    model_version_policy { specific { versions: 1 versions: 2 } }\n"
         '    version_labels { key: "stable" value: 1 } version_labels { key: "canary" value: 2 } }\n'
         f'  config {{ name: "classifier" base_path: "{models / "classifier"}" model_platform: "onnx" }}\n'
+        f'  config {{ name: "flowers" base_path: "{models / "flowers"}" model_platform: "onnx" }}\n'
         "}\n"
     )
     return start_server(
@@ -152,6 +157,7 @@ def test_metadata_is_a_signature_def_of_the_graph(server):
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=30)
     signatures = get_model_metadata_pb2.SignatureDefMap()
     response.metadata["signature_def"].Unpack(signatures)
+    assert sorted(signatures.signature_def) == ["classify", "serving_default"]  # scores [batch, 3]: a classifier
     signature = signatures.signature_def["serving_default"]
     assert sorted(signature.inputs) == ["pixels"] and sorted(signature.outputs) == ["classes", "scores"]
     assert [d.size for d in signature.outputs["scores"].tensor_shape.dim] == [-1, 3]
@@ -198,11 +204,157 @@ def test_classifier_scores_and_classes(server):
     )
 
 
-def test_classify_api_answers_a_clear_error(server):
-    """Classify takes serialized tf.Examples, which an ONNX graph cannot parse."""
+def test_classify_on_the_default_predict_signature_answers_a_clear_error(server):
+    """serving_default stays the graph's predict signature; Classify must name the `classify` signature."""
     r = post(server.rest + "/v1/models/classifier:classify", {"examples": [{"pixels": [1.0, 0.0, 0.0, 0.0]}]})
     assert r.status_code == 400
     assert r.json()["error"].startswith("No classification inputs found in SignatureDef: ")
+
+
+def test_classifier_scores_without_classes_classify_with_empty_labels(server):
+    body = {"signature_name": "classify", "examples": [{"pixels": [1.0, 2.0, 3.0, 4.0]}]}
+    r = post(server.rest + "/v1/models/classifier:classify", body)
+    assert (r.status_code, r.json()) == (200, {"results": [[["", 5.0], ["", 8.0], ["", 13.0]]]})
+
+
+# The flowers model's answers (see export_onnx_flowers) for FLOWER_EXAMPLES: the first example takes its
+# count and color from the context, the second overrides them.
+FLOWER_CONTEXT = {"count": 1, "color": "red"}
+FLOWER_EXAMPLES = [{"size": [1.0, 2.0]}, {"size": [0.5, 0.25], "color": "blue", "count": 2}]
+FLOWER_CLASSES = [[("red", 2.0), ("iris", 3.0), ("rose", 5.0)], [("blue", 2.5), ("iris", 2.25), ("rose", 3.25)]]
+FLOWER_VALUES = [4.0, 2.75]
+
+
+def flower_input(request) -> None:
+    """FLOWER_CONTEXT and FLOWER_EXAMPLES as tf.Examples in a gRPC request's `input`."""
+
+    def example(features):
+        message = tf.train.Example()
+        for name, value in features.items():
+            feature = message.features.feature[name]
+            if isinstance(value, str):
+                feature.bytes_list.value.append(value.encode())
+            elif isinstance(value, int):
+                feature.int64_list.value.append(value)
+            else:
+                feature.float_list.value.extend(value)
+        return message
+
+    with_context = request.input.example_list_with_context
+    with_context.context.CopyFrom(example(FLOWER_CONTEXT))
+    with_context.examples.extend(example(e) for e in FLOWER_EXAMPLES)
+
+
+def test_rest_classify_parses_examples_and_context_into_the_graph(server):
+    body = {"signature_name": "classify", "context": FLOWER_CONTEXT, "examples": FLOWER_EXAMPLES}
+    r = post(server.rest + "/v1/models/flowers:classify", body)
+    assert (r.status_code, r.json()) == (
+        200,
+        {"results": [[list(pair) for pair in classes] for classes in FLOWER_CLASSES]},
+    )
+
+
+def test_grpc_classify(server):
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = "flowers"
+    request.model_spec.signature_name = "classify"
+    flower_input(request)
+    with grpc.insecure_channel(server.grpc) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Classify(request, timeout=30)
+    assert (response.model_spec.name, response.model_spec.version.value) == ("flowers", 1)
+    assert response.model_spec.signature_name == "classify"
+    assert [[(c.label, c.score) for c in e.classes] for e in response.result.classifications] == FLOWER_CLASSES
+
+
+def test_rest_regress(server):
+    body = {"signature_name": "regress", "context": FLOWER_CONTEXT, "examples": FLOWER_EXAMPLES}
+    r = post(server.rest + "/v1/models/flowers:regress", body)
+    assert (r.status_code, r.json()) == (200, {"results": FLOWER_VALUES})
+
+
+def test_grpc_regress(server):
+    request = regression_pb2.RegressionRequest()
+    request.model_spec.name = "flowers"
+    request.model_spec.signature_name = "regress"
+    flower_input(request)
+    with grpc.insecure_channel(server.grpc) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Regress(request, timeout=30)
+    assert response.model_spec.signature_name == "regress"
+    assert [r.value for r in response.result.regressions] == FLOWER_VALUES
+
+
+def test_grpc_multi_inference_classifies_and_regresses(server):
+    request = inference_pb2.MultiInferenceRequest()
+    for signature, method in (("classify", "tensorflow/serving/classify"), ("regress", "tensorflow/serving/regress")):
+        task = request.tasks.add(method_name=method)
+        task.model_spec.name = "flowers"
+        task.model_spec.signature_name = signature
+    flower_input(request)
+    with grpc.insecure_channel(server.grpc) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).MultiInference(request, timeout=30)
+    classify, regress = response.results
+    assert (classify.model_spec.signature_name, regress.model_spec.signature_name) == ("classify", "regress")
+    assert [[(c.label, c.score) for c in e.classes] for e in classify.classification_result.classifications] == (
+        FLOWER_CLASSES
+    )
+    assert [r.value for r in regress.regression_result.regressions] == FLOWER_VALUES
+
+
+@pytest.mark.parametrize(
+    ("examples", "error"),
+    [
+        (
+            [{"size": [1.0, 2.0], "color": "red"}],
+            "Name: <unknown>, Feature: count (data type: int64) is required but could not be found.",
+        ),
+        (
+            [{"size": [1.0, 2.0], "color": "red", "count": 1}, {"size": [1, 2], "color": "red", "count": 1}],
+            "Name: <unknown>, Key: size, Index: 1.  Data types don't match. Data type: int64 but expected type: float",
+        ),
+        (
+            [{"size": [1.0, 2.0, 3.0], "color": "red", "count": 1}],
+            "Name: <unknown>, Key: size, Index: 0.  Number of float values != expected.  "
+            "Values size: 3 but output shape: [2]",
+        ),
+    ],
+)
+def test_a_missing_or_wrong_feature_is_a_400_naming_it(server, examples, error):
+    r = post(server.rest + "/v1/models/flowers:regress", {"signature_name": "regress", "examples": examples})
+    assert (r.status_code, r.json()) == (400, {"error": error})
+
+
+def test_flowers_predict_and_metadata_keep_the_graph_signature(server):
+    body = {"inputs": {"size": [[1.0, 2.0]], "count": [3], "color": [["red"]]}}
+    r = post(server.rest + "/v1/models/flowers:predict", body)
+    assert (r.status_code, r.json()) == (
+        200,
+        {"outputs": {"classes": [["red", "iris", "rose"]], "outputs": [[6.0]], "scores": [[4.0, 5.0, 7.0]]}},
+    )
+    signatures = requests.get(server.rest + "/v1/models/flowers/metadata", timeout=10).json()["metadata"]
+    signatures = signatures["signature_def"]["signature_def"]
+    assert sorted(signatures) == ["classify", "regress", "serving_default"]
+    assert signatures["serving_default"]["method_name"] == "tensorflow/serving/predict"
+    assert sorted(signatures["serving_default"]["inputs"]) == ["color", "count", "size"]
+
+    def tensor(name, dtype, *dims):
+        return {
+            "dtype": dtype,
+            "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims], "unknown_rank": False},
+            "name": name,
+        }
+
+    assert signatures["regress"] == {
+        "inputs": {"inputs": tensor("inputs", "DT_STRING", -1)},
+        "outputs": {"outputs": tensor("outputs", "DT_FLOAT", -1, 1)},
+        "method_name": "tensorflow/serving/regress",
+        "defaults": {},
+    }
+    assert signatures["classify"] == {
+        "inputs": {"inputs": tensor("inputs", "DT_STRING", -1)},
+        "outputs": {"scores": tensor("scores", "DT_FLOAT", -1, 3), "classes": tensor("classes", "DT_STRING", -1, 3)},
+        "method_name": "tensorflow/serving/classify",
+        "defaults": {},
+    }
 
 
 @pytest.mark.parametrize(
