@@ -25,7 +25,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from compare import export_models, export_onnx_cnn, grpc_body, h2load, one_row, request_for, serve, wrk  # noqa: E402
+import numpy as np  # noqa: E402
+from compare import export_models, export_onnx_cnn, grpc_body, h2load, request_for, serve, wrk  # noqa: E402
 
 from pyserving.runtimes import registry  # noqa: E402
 
@@ -74,12 +75,24 @@ def cases(work: Path) -> list[tuple[str, Path, tuple[str, ...]]]:
     return found
 
 
-def in_process(base: Path, flags: tuple[str, ...]) -> tuple[float, float]:
-    """(median load ms, median Servable.run us) for the newest version folder."""
+def _newest(base: Path, flags: tuple[str, ...]) -> tuple[str, str, registry.RuntimeOptions]:
+    """(version folder, platform, runtime options) as the server started with `flags` serves it."""
     folder = str(sorted(base.iterdir())[-1])
     platform = registry.detect(folder) or registry.TENSORFLOW_PLATFORM
-    options = registry.RuntimeOptions(prefer_tflite_model=TFLITE_FLAG in flags)
-    alias, row = one_row(base)
+    return folder, platform, registry.RuntimeOptions(prefer_tflite_model=TFLITE_FLAG in flags)
+
+
+def one_row(base: Path, flags: tuple[str, ...]) -> tuple[str, np.ndarray]:
+    """The serving_default input alias and one batch-1 row of 0.5s for it."""
+    folder, platform, options = _newest(base, flags)
+    alias, info = next(iter(registry.signature_defs(platform, folder, options)["serving_default"].inputs.items()))
+    return alias, np.full([1] + [max(d.size, 1) for d in info.tensor_shape.dim[1:]], 0.5, np.float32)
+
+
+def in_process(base: Path, flags: tuple[str, ...]) -> tuple[float, float]:
+    """(median load ms, median Servable.run us) for the newest version folder."""
+    folder, platform, options = _newest(base, flags)
+    alias, row = one_row(base, flags)
     loads = []
     for attempt in range(6):
         started = time.perf_counter()
@@ -111,7 +124,7 @@ def main() -> None:
         work = Path(tmp)
         for name, base, flags in cases(work):
             load_ms, floor_us = in_process(base, flags)
-            alias, row = one_row(base)
+            alias, row = one_row(base, flags)
             path, body = request_for("pyserving", alias, row)
             rest, grpc = [], []
             with serve("pyserving", base, work, flags) as (url, grpc_port):
