@@ -165,6 +165,7 @@ def _try_profile(profile, request) -> bool:
             grpc.StatusCode.INVALID_ARGUMENT,
             "ProfileRequest.host_name 'a/b' is not a plain file name",
         ),
+        ("root with NUL", grpc.StatusCode.INVALID_ARGUMENT, "ProfileRequest.repository_root contains a NUL byte"),
         ("root is a file", grpc.StatusCode.INTERNAL, "{root}/file/run; Not a directory"),
         ("unparsable", grpc.StatusCode.INVALID_ARGUMENT, "Failed to parse the request as tensorflow.ProfileRequest"),
     ],
@@ -175,6 +176,7 @@ def test_bad_profile_requests_get_clear_errors(server, tmp_path, case, code, det
         "empty root": _request(""),
         "session escapes": _request(tmp_path, "../escape"),
         "host with slash": _request(tmp_path, host_name="a/b"),
+        "root with NUL": _request(f"{tmp_path}/a\0b"),
         "root is a file": _request(tmp_path / "file", duration_ms=100),
         "unparsable": b"\xff\xff\xff",
     }[case]

@@ -74,3 +74,24 @@ def test_unreadable_files_fail_the_load(content, message):
     with pytest.raises(ServingError) as error:
         tflite_model.TfLiteServable(content, 1, 1)
     assert (error.value.code, error.value.message) == (Code.INVALID_ARGUMENT, message)
+
+
+def test_an_output_that_is_not_one_row_per_input_row_runs_unsplit(tmp_path):
+    import tensorflow as tf
+
+    class Total(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.float32)])
+        def serve(self, x):
+            return {"total": tf.reduce_sum(x), "y": x * 2.0}
+
+    module = Total()
+    tf.saved_model.save(module, str(tmp_path), signatures={"serving_default": module.serve})
+    content = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path)).convert()
+    servable = tflite_model.TfLiteServable(content, 4, 2)  # 2 per pool: requests above 250 rows are split
+    x = np.ones((600, 1), np.float32)
+    total, y = servable.run("serving_default", {"x": x}, ["total", "y"], 0)
+    assert total.tolist() == 600.0
+    assert y.shape == (600, 1) and float(y.sum()) == 1200.0
+    (y_only,) = servable.run("serving_default", {"x": x}, ["y"], 0)  # batch-major outputs are split and joined
+    assert y_only.shape == (600, 1) and float(y_only.sum()) == 1200.0
+    servable.close()

@@ -155,7 +155,12 @@ class ProfilerService:
         if opts.start_timestamp_ns and delay_ns > 0:  # the client asked for a synchronised start
             await asyncio.sleep(min(delay_ns / 1e9, _MAX_WAIT_S))
         session = _Session()
-        failure = await run_sync(self._pool, session.start, _tracer_levels(opts))
+        start = asyncio.ensure_future(run_sync(self._pool, session.start, _tracer_levels(opts)))
+        try:
+            failure = await asyncio.shield(start)
+        except asyncio.CancelledError:  # the client went away while the session started: stop it once it has
+            start.add_done_callback(lambda done: self._stop_started(done, session))
+            raise
         if failure is not None:  # another session is active: TF's message, under TF's code
             await context.abort(grpc.StatusCode.INTERNAL, failure.message)
         log.info("Profiler session %r started for %d ms", request.session_id, duration_ms)
@@ -182,6 +187,10 @@ class ProfilerService:
         log.info("Profiler session %r wrote %s (%d bytes)", request.session_id, path, len(xspace))
         return response
 
+    def _stop_started(self, start: asyncio.Future, session: _Session) -> None:
+        if not start.cancelled() and start.exception() is None and start.result() is None:
+            self._pool.submit(session.collect)
+
     async def Terminate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """Ends the named session's Profile early; it still collects and writes what it traced."""
         stop = self._stops.get(request.session_id)
@@ -204,10 +213,13 @@ def _xplane_path(request: Any) -> str | _Failure:
     """Where TF's service writes the trace: `<repository_root>/<session_id>/<host>.xplane.pb` (':' -> '_').
 
     Stricter than TF, which joins whatever it is sent: an empty root or a session or host that is
-    not one plain path component (a client-chosen '../..') is INVALID_ARGUMENT, not a file elsewhere.
+    not one plain path component (a client-chosen '../..') is INVALID_ARGUMENT. The root itself is any
+    folder the server may write to, as in TF: turn the service off where the gRPC port is exposed.
     """
     if not request.repository_root:
         return _Failure("ProfileRequest.repository_root is empty; nowhere to write the trace")
+    if "\0" in request.repository_root:
+        return _Failure("ProfileRequest.repository_root contains a NUL byte")
     host = _hostname(request)
     for what, name in (("session_id", request.session_id), ("host_name", host)):
         if name in ("", ".", "..") or "/" in name or "\0" in name:

@@ -10,6 +10,7 @@ installed).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
@@ -88,6 +89,17 @@ def detect(version_folder: str) -> str | None:
         if any(os.path.isfile(os.path.join(version_folder, f)) for f in files):
             return platform
     return None
+
+
+def options_for_tools(folder: str, options: RuntimeOptions) -> RuntimeOptions:
+    """`options`, except that a folder whose only model is `model.tflite` is read as `--prefer_tflite_model`
+    serves it (tools have nothing else to show for it)."""
+    others = [f for f in _MARKERS[TENSORFLOW_PLATFORM] if f != _TFLITE_FILE]
+    if os.path.isfile(os.path.join(folder, _TFLITE_FILE)) and not any(
+        os.path.isfile(os.path.join(folder, f)) for f in others
+    ):
+        return dataclasses.replace(options, prefer_tflite_model=True)
+    return options
 
 
 def signature_defs(platform: str, path: str, options: RuntimeOptions) -> dict[str, meta_graph_pb2.SignatureDef]:

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -337,20 +338,40 @@ class SavedModelServable:
             reader = tf.train.load_checkpoint(prefix)
             checkpoint_graph = trackable_object_graph_pb2.TrackableObjectGraph()
             checkpoint_graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-        except (tf.errors.OpError, ValueError):
-            return handles  # no TF2 checkpoint: nothing to key by
+        except Exception:  # no TF2 checkpoint, or one whose object graph does not parse: nothing to key by
+            return handles
+        try:
+            return self._restore_keyed(prefix, reader, checkpoint_graph, meta_graph, handles, read)
+        except Exception as exc:  # an object graph that does not match, a failing restore: the fallback decides
+            log.info("Restoring %s by checkpoint keys failed: %s", path, exc)
+            return handles
+
+    def _restore_keyed(
+        self,
+        prefix: str,
+        reader: Any,
+        checkpoint_graph: trackable_object_graph_pb2.TrackableObjectGraph,
+        meta_graph: meta_graph_pb2.MetaGraphDef,
+        handles: list[str],
+        read: list[str],
+    ) -> list[str]:
+        """`_restore_from_object_graph` once the checkpoint is open: key, check shapes, restore in one run."""
         captured = _captured_objects(meta_graph)
         keys = _checkpoint_keys(meta_graph.object_graph_def, checkpoint_graph)
+        nodes = {node.name: node for node in meta_graph.graph_def.node}
+        stored = reader.get_variable_to_shape_map()
+        # A key whose stored shape differs from the variable's is a wrong match: leave that variable unkeyed.
         targets = [
             (h, keys[captured[h]])
             for h in handles
-            if h in captured and captured[h] in keys and reader.has_tensor(keys[captured[h]])
+            if h in captured
+            and keys.get(captured[h]) in stored
+            and tf.TensorShape(nodes[h].attr["shape"].shape).is_compatible_with(stored[keys[captured[h]]])
         ]
         if not targets:
             return handles
         keyed = {h for h, _ in targets}
         unkeyed = [h for h in handles if h not in keyed]
-        nodes = {node.name: node for node in meta_graph.graph_def.node}
         with self._graph.as_default(), tf.name_scope("pyserving_restore"):
             values = tf.raw_ops.RestoreV2(
                 prefix=tf.constant(prefix),

@@ -139,6 +139,10 @@ class SignatureFunctionServable:
             return fn(*(inputs[a] for a in aliases))
         except tf.errors.OpError as exc:
             raise ServingError(from_tf_error(exc).code, _session_message(exc.message)) from exc
+        except UnicodeDecodeError as exc:
+            # As on the Session path: TF's message quoted bytes that are not UTF-8 (a tf.Example that does
+            # not parse), so Python could not build the OpError; the undecodable text is TF's message.
+            raise ServingError(Code.INVALID_ARGUMENT, bytes(exc.object).decode("utf-8", "surrogateescape")) from exc
         except (TypeError, ValueError) as exc:
             raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
@@ -153,8 +157,8 @@ class SignatureFunctionServable:
     def run_multi(
         self, tasks: Sequence[tuple[str, Sequence[str]]], inputs: dict[str, np.ndarray], timeout_ms: int
     ) -> list[list[np.ndarray]]:
-        names = tuple(name for name, _ in tasks)
-        outputs = self._call(names, inputs)
+        # Sorted: one traced function per set of signatures, whatever order a request lists them in.
+        outputs = self._call(tuple(sorted({name for name, _ in tasks})), inputs)
         return [[outputs[name][a].numpy() for a in aliases] for name, aliases in tasks]
 
     def close(self) -> None:

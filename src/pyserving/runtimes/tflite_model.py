@@ -13,10 +13,11 @@ successor of `tf.lite.Interpreter`, which TF 2.21 deprecates. Signatures follow 
 Reported shapes are the tensors' current dimensions, as TF Serving reports them (a dynamic batch shows
 as 1). An input whose shape differs from the tensor's is resized to it, so any batch size runs.
 
-An interpreter is not thread-safe, so a version holds `--num_tflite_pools` of them (each with one
-thread, as TF Serving builds them) and a call takes a free one, waiting if there is none. With
-`--num_tflite_interpreters_per_pool` above 1, TF Serving splits a large request into mini-batches run
-on several interpreters at once; so does this runtime (requests are merged by `--enable_batching`).
+An interpreter is not thread-safe, so a version holds `--num_tflite_pools` x
+`--num_tflite_interpreters_per_pool` of them (each with one thread, as TF Serving builds them) and a
+call takes a free one, waiting if there is none. With more than one interpreter per pool, TF Serving
+splits a large request into mini-batches run on its pool's interpreters at once; this runtime splits
+it the same way, over any free interpreters of the version (requests are merged by `--enable_batching`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def load(path: str, options: RuntimeOptions) -> TfLiteServable:
     """The registry's entry point: a version folder's `model.tflite` as a servable."""
     with open(os.path.join(path, TFLITE_FILE), "rb") as file:
         content = file.read()
-    return TfLiteServable(content, max(1, options.num_tflite_pools), options.num_tflite_interpreters_per_pool)
+    per_pool = max(1, options.num_tflite_interpreters_per_pool)
+    return TfLiteServable(content, max(1, options.num_tflite_pools) * per_pool, per_pool)
 
 
 def signature_defs(path: str, options: RuntimeOptions) -> dict[str, meta_graph_pb2.SignatureDef]:
@@ -130,7 +132,7 @@ class TfLiteServable:
         self._pool = _Pool([_Slot(content, runner_keys) for _ in range(interpreters)])
         self._split_rows = 0
         self._splitter: ThreadPoolExecutor | None = None
-        if per_pool > 1 and interpreters > 1:
+        if per_pool > 1:
             model_batch = _model_batch_size(first)
             self._split_rows = model_batch if model_batch > 1 else -(-_INITIAL_BATCH_SIZE // per_pool)
             self._splitter = ThreadPoolExecutor(interpreters, thread_name_prefix="tflite-split")
@@ -150,6 +152,13 @@ class TfLiteServable:
         step = self._split_rows
         parts = [{a: v[start : start + step] for a, v in feeds.items()} for start in range(0, rows, step)]
         results = list(self._splitter.map(lambda part: self._run_one(binding, part, output_aliases), parts))
+        batch_major = all(
+            r[i].ndim > 0 and r[i].shape[0] == _rows(part)
+            for part, r in zip(parts, results, strict=True)
+            for i in range(len(output_aliases))
+        )
+        if not batch_major:  # an output that is not one row per input row cannot be joined: run it whole
+            return self._run_one(binding, feeds, output_aliases)
         return [np.concatenate([r[i] for r in results]) for i in range(len(output_aliases))]
 
     def run_multi(

@@ -14,7 +14,6 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 from pyserving.lifecycle.sources import parse_version, version_entries
 from pyserving.runtimes import registry
-from pyserving.runtimes.tf_saved_model import SAVED_MODEL_FILES
 from pyserving.tools import ToolError
 
 __all__ = ["describe", "newest_version", "render", "signatures_of", "version_folders"]
@@ -50,9 +49,8 @@ def signatures_of(
     runtime recognises is read as a SavedModel, whose error names the files it looked for. A folder whose only
     model is `model.tflite` is read as the server serves it with --prefer_tflite_model."""
     platform = registry.detect(folder) or registry.TENSORFLOW_PLATFORM
-    only_tflite = not any(os.path.isfile(os.path.join(folder, f)) for f in SAVED_MODEL_FILES)
-    options = registry.RuntimeOptions(
-        saved_model_tags=tuple(tags), prefer_tflite_model=prefer_tflite_model or only_tflite
+    options = registry.options_for_tools(
+        folder, registry.RuntimeOptions(saved_model_tags=tuple(tags), prefer_tflite_model=prefer_tflite_model)
     )
     runtime = registry.runtime(platform, folder, options)
     return platform, runtime.rsplit(".", 1)[-1], registry.signature_defs(platform, folder, options)
