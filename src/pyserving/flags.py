@@ -50,6 +50,11 @@ def _flag(default: Any, kind: str, help: str, *, pending: str = "") -> Any:
     return field(default=default, metadata={"kind": kind, "help": help, "pending": pending})
 
 
+def _entries(flag: str) -> list[str]:
+    """A comma-separated flag's non-empty entries."""
+    return [entry for entry in flag.split(",") if entry]
+
+
 @dataclass
 class Options:
     # Ports and transport
@@ -193,7 +198,13 @@ class Options:
     )
 
     def saved_model_tag_list(self) -> list[str]:
-        return [t for t in self.saved_model_tags.split(",") if t]
+        return _entries(self.saved_model_tags)
+
+    def custom_op_library_list(self) -> list[str]:
+        return _entries(self.custom_op_libraries)
+
+    def custom_op_module_list(self) -> list[str]:
+        return _entries(self.custom_op_modules)
 
     def parallelism(self) -> tuple[int, int]:
         """(intra, inter) op threads with TF Serving's precedence rules."""

@@ -72,7 +72,7 @@ class _Server:
 def _build(options: Options) -> _Server:
     """The loader chain, the core and the data plane; `ServingError` if a config file is bad."""
     options.validate()
-    custom_ops.load(_names(options.custom_op_libraries), _names(options.custom_op_modules))
+    custom_ops.load(options.custom_op_library_list(), options.custom_op_module_list())
     metrics_path, (tls, tls_context) = _monitoring(options), _tls(options)
     intra, inter = options.parallelism()
     batcher = _batcher(options)
@@ -100,11 +100,6 @@ def _build(options: Options) -> _Server:
 
         loader.warmup = replay_warmup
     return _Server(options, core, dataplane, batcher, tls, tls_context, metrics_path)
-
-
-def _names(flag: str) -> list[str]:
-    """A comma-separated flag's entries."""
-    return [name for name in flag.split(",") if name]
 
 
 def _batcher(options: Options) -> Batcher | None:

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from onnx_models import IR_VERSION, OPSET, export_onnx_flowers, export_onnx_ranker, export_onnx_scaler, export_onnx_text
 
 from pyserving.errors import Code, ServingError
-from pyserving.lifecycle import model_config
+from pyserving.lifecycle import model_config, sources
 from pyserving.runtimes import onnx_model, registry
 
 pytest.importorskip("onnxruntime")
@@ -94,17 +94,17 @@ def test_inter_op_parallelism_above_one_runs_in_parallel_mode(tmp_path):
 
 
 def test_platform_is_detected_from_the_newest_version_folder(tmp_path):
-    assert model_config.detect_platform(str(tmp_path / "missing")) == "tensorflow"
+    assert sources.detect_platform(str(tmp_path / "missing")) == "tensorflow"
     export_onnx_scaler(tmp_path, 1)
     (tmp_path / "2").mkdir()  # an empty newer folder (still being copied) does not decide
     (tmp_path / "notes").mkdir()
     assert registry.detect(str(tmp_path / "1")) == "onnx"
     assert registry.detect(str(tmp_path / "2")) is None
-    assert [c.platform for c in model_config.single_model("m", str(tmp_path))] == ["onnx"]
+    assert sources.detect_platform(str(tmp_path)) == "onnx"
     (tmp_path / "3").mkdir()
     (tmp_path / "3" / "saved_model.pb").write_bytes(b"")
     (tmp_path / "3" / "model.onnx").write_bytes(b"")
-    assert model_config.single_model("m", str(tmp_path))[0].platform == "tensorflow"  # a SavedModel wins
+    assert sources.detect_platform(str(tmp_path)) == "tensorflow"  # a SavedModel wins
     assert model_config.single_model("m", str(tmp_path), "onnx")[0].platform == "onnx"  # the flag wins
     with pytest.raises(ServingError, match="^INVALID_ARGUMENT: Model m requests unsupported platform tflite2$"):
         model_config.single_model("m", str(tmp_path), "tflite2")

@@ -19,7 +19,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from pyserving.concurrency import LoopGuard
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
-from pyserving.lifecycle import model_config
+from pyserving.lifecycle import model_config, sources
 from pyserving.lifecycle.manager import Loader, ModelManager, RetryPolicy
 from pyserving.lifecycle.model_config import ConfigFile, ModelConfig
 from pyserving.lifecycle.sources import FileSystemSource
@@ -55,9 +55,9 @@ class ServerCore:
     def initial_configs(self) -> list[ModelConfig]:
         """The models to serve at start-up: the config file if given, else the single-model flags."""
         if self.config_file is None:
-            return model_config.single_model(
-                self._options.model_name, self._options.model_base_path, self._options.model_platform
-            )
+            base_path = self._options.model_base_path
+            platform = self._options.model_platform or sources.detect_platform(base_path)
+            return model_config.single_model(self._options.model_name, base_path, platform)
         self._file_configs = model_config.from_proto(self.config_file.read())
         return self._file_configs
 

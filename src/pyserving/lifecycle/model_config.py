@@ -19,7 +19,7 @@ from pyserving import config_protos
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.runtimes import registry
 
-__all__ = ["ConfigFile", "ModelConfig", "VersionPolicy", "detect_platform", "from_proto", "single_model"]
+__all__ = ["ConfigFile", "ModelConfig", "VersionPolicy", "from_proto", "single_model"]
 
 log = logging.getLogger("pyserving")
 
@@ -44,35 +44,16 @@ class ModelConfig:
     platform: str = registry.TENSORFLOW_PLATFORM
 
 
-def single_model(name: str, base_path: str, platform: str = "") -> list[ModelConfig]:
+def single_model(name: str, base_path: str, platform: str) -> list[ModelConfig]:
     """`--model_name` / `--model_base_path` / `--model_platform` (a relative path is taken from the working
-    directory; an empty platform is detected, see `detect_platform`)."""
-    if platform and platform not in registry.platforms():
+    directory; the caller detects an empty `--model_platform`, see `sources.detect_platform`)."""
+    if platform not in registry.platforms():
         raise invalid_argument(f"Model {name} requests unsupported platform {platform}")
-    path = os.path.abspath(base_path)
-    platform = platform or detect_platform(path)
     if platform == registry.TENSORFLOW_PLATFORM:
         log.info("Building single TensorFlow model file config:  model_name: %s model_base_path: %s", name, base_path)
     else:
         log.info("Building single %s model file config: model_name: %s model_base_path: %s", platform, name, base_path)
-    return [ModelConfig(name, path, platform=platform)]
-
-
-def detect_platform(base_path: str) -> str:
-    """The platform of the newest numeric version folder that a runtime recognises (`registry.detect`).
-
-    Read once, at start-up: a base path that is still empty (the server waits for it) serves
-    TensorFlow models, as TF Serving does, unless `--model_platform` says otherwise.
-    """
-    try:
-        versions = sorted((int(e), e) for e in os.listdir(base_path) if e.isascii() and e.isdigit())
-    except OSError:
-        return registry.TENSORFLOW_PLATFORM
-    for _, entry in reversed(versions):
-        platform = registry.detect(os.path.join(base_path, entry))
-        if platform is not None:
-            return platform
-    return registry.TENSORFLOW_PLATFORM
+    return [ModelConfig(name, os.path.abspath(base_path), platform=platform)]
 
 
 class ConfigFile:

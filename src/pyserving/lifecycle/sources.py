@@ -15,8 +15,16 @@ from pyserving.concurrency import LoopGuard
 from pyserving.errors import Code, ServingError
 from pyserving.lifecycle.manager import ModelManager, VersionSpec
 from pyserving.lifecycle.model_config import ModelConfig, VersionPolicy
+from pyserving.runtimes import registry
 
-__all__ = ["FileSystemSource", "aspired_versions", "list_versions", "parse_version", "version_entries"]
+__all__ = [
+    "FileSystemSource",
+    "aspired_versions",
+    "detect_platform",
+    "list_versions",
+    "parse_version",
+    "version_entries",
+]
 
 log = logging.getLogger("pyserving")
 
@@ -41,6 +49,21 @@ def version_entries(base_path: str) -> list[tuple[int, str]]:
         for entry in sorted(os.listdir(base_path))
         if (version := parse_version(entry)) is not None
     ]
+
+
+def detect_platform(base_path: str) -> str:
+    """`--model_platform` left empty: the platform of the newest version folder a runtime recognises
+    (`registry.detect`). Read once, at start-up: a base path that is still empty (the server waits for it)
+    serves TensorFlow models, as TF Serving does."""
+    try:
+        entries = version_entries(base_path)
+    except OSError:
+        return registry.TENSORFLOW_PLATFORM
+    for _, path in sorted(entries, reverse=True):
+        platform = registry.detect(path)
+        if platform is not None:
+            return platform
+    return registry.TENSORFLOW_PLATFORM
 
 
 def list_versions(model_name: str, base_path: str) -> dict[int, str] | None:

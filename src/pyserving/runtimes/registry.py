@@ -25,6 +25,7 @@ __all__ = [
     "RuntimeOptions",
     "detect",
     "load",
+    "options_for_tools",
     "platforms",
     "runtime",
     "signature_defs",
@@ -39,14 +40,14 @@ _RUNTIMES = {
     ONNX_PLATFORM: "pyserving.runtimes.onnx_model",
 }
 
-# model_platform -> files that mark a version folder as its own, in detection order (a SavedModel wins).
-_MARKERS = {
-    TENSORFLOW_PLATFORM: ("saved_model.pb", "saved_model.pbtxt", "model.tflite"),
-    ONNX_PLATFORM: ("model.onnx",),
-}
 # --prefer_tflite_model: TF Serving keeps model_platform "tensorflow" and serves a version folder's
 # model.tflite instead of its SavedModel when the folder has one.
 _TFLITE_FILE, _TFLITE_RUNTIME = "model.tflite", "pyserving.runtimes.tflite_model"
+# model_platform -> files that mark a version folder as its own, in detection order (a SavedModel wins).
+_MARKERS = {
+    TENSORFLOW_PLATFORM: ("saved_model.pb", "saved_model.pbtxt", _TFLITE_FILE),
+    ONNX_PLATFORM: ("model.onnx",),
+}
 
 
 @dataclass(frozen=True)
