@@ -43,7 +43,7 @@ def test_no_request_the_schema_allows_gets_a_server_error(fuzzed_server):
     """
     schema = schemathesis.openapi.from_url(fuzzed_server.rest + "/openapi.yaml")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 17
+    assert len(operations) == 29
     statuses: dict[int, int] = {}
     for operation in operations:
         # Half the cases go to the served models (random names would mostly meet a 404).
@@ -60,6 +60,8 @@ def test_no_request_the_schema_allows_gets_a_server_error(fuzzed_server):
                 case.path_parameters["model_name"] = model
                 if "version" in case.path_parameters:
                     case.path_parameters["version"] = "123" if model == "half_plus_two" else "1"
+                if "model_version" in case.path_parameters:
+                    case.path_parameters["model_version"] = "123" if model == "half_plus_two" else "1"
             response = case.call(base_url=fuzzed_server.rest, timeout=30)
             case.validate_response(response, checks=[not_a_server_error])
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
@@ -75,12 +77,14 @@ def test_openapi_document_is_served_and_names_every_route(fuzzed_server):
     r = requests.get(fuzzed_server.rest + "/openapi.yaml", timeout=10)
     assert r.status_code == 200
     assert r.headers["content-type"] == "application/yaml"
-    assert r.content == (REPO / "src" / "pyserving" / "protocols" / "tfs" / "openapi.yaml").read_bytes()
+    assert r.content == (REPO / "src" / "pyserving" / "protocols" / "openapi.yaml").read_bytes()
     for route in (
         "/v1/models/{model_name}:predict:",
         "/v1/models/{model_name}/labels/{label}:classify:",
         "/v1/models/{model_name}/versions/{version}/metadata:",
         "/readyz:",
+        "/v2/models/{model_name}/versions/{model_version}/infer:",
+        "/v2/repository/models/{model_name}/unload:",
     ):
         assert f"\n  {route}\n" in r.text
 

@@ -4,8 +4,9 @@ and the standard gRPC health service.
 HTTP: `GET /healthz` (alive), `GET /readyz` (200 when every configured model has
 an AVAILABLE version and the server is not shutting down, else 503 with each
 model's state), the Prometheus text format at `--monitoring_config_file`'s path,
-and `GET /openapi.yaml` (TF Serving's REST API). gRPC: `grpc.health.v1.Health`
-with `--enable_grpc_healthcheck_service`, SERVING for the server and TF Serving's
+and `GET /openapi.yaml` (the REST API: TF Serving's and the Open Inference
+Protocol's routes). gRPC: `grpc.health.v1.Health` with
+`--enable_grpc_healthcheck_service`, SERVING for the server and TF Serving's
 service names until shutdown begins.
 """
 
@@ -66,7 +67,7 @@ async def openapi(scope: http.Scope, receive: http.Receive, send: http.Send) -> 
 
 @functools.cache
 def _openapi_document() -> bytes:
-    return importlib.resources.files("pyserving.protocols.tfs").joinpath("openapi.yaml").read_bytes()
+    return importlib.resources.files("pyserving.protocols").joinpath("openapi.yaml").read_bytes()
 
 
 # TF Serving marks both services SERVING; "" is the whole server.

@@ -170,7 +170,9 @@ class Inference:
         `signature_name` parameter's, or the first one's when there is no default)."""
         with self._dataplane.resolve(spec) as target:
             signatures = target.signature_defs
-            key = spec.signature_name or (DEFAULT_SIGNATURE if DEFAULT_SIGNATURE in signatures else min(signatures))
+            key = spec.signature_name or (
+                DEFAULT_SIGNATURE if DEFAULT_SIGNATURE in signatures or not signatures else min(signatures)
+            )
             signature = signatures.get(key)
             if signature is None:
                 raise invalid_argument(f"signature '{key}' not found")

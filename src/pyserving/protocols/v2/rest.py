@@ -7,8 +7,10 @@ and the model repository extension (`POST /v2/repository/index`,
 binary tensor data extension, a JSON header of `Inference-Header-Content-Length`
 bytes followed by the raw tensors; outputs are raw when requested with the
 `binary_data` output parameter or the `binary_data_output` request parameter.
-Errors are `{"error": "..."}` with 400, 404 (unknown model or path), 503 (not
-ready) and so on, as the data plane's codes map to HTTP.
+Errors are `{"error": "..."}` with the data plane's codes mapped to HTTP as in
+TF Serving's API (400 bad request, 404 unknown model, version or path, 503
+unavailable, 504 timeout...). A ready check that says no answers 400 with
+`"ready": false`: the protocol gives "not ready" a 4xx, and Triton a 400.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class V2RestApi:
             spec = model_spec(name, version or "", {})
             if verb == "ready":
                 ready = await run_sync(self._pool, inference.model_ready, spec)
-                return 200 if ready else 503, orjson.dumps({"name": name, "ready": ready}), _JSON
+                return 200 if ready else 400, orjson.dumps({"name": name, "ready": ready}), _JSON
             return 200, orjson.dumps(await run_sync(self._pool, inference.model_metadata, spec)), _JSON
         if path in ("/v2", "/v2/"):
             _allow(method, "GET")
@@ -110,7 +112,7 @@ class V2RestApi:
         if path == "/v2/health/ready":
             _allow(method, "GET")
             ready = inference.server_ready()
-            return 200 if ready else 503, orjson.dumps({"ready": ready}), _JSON
+            return 200 if ready else 400, orjson.dumps({"ready": ready}), _JSON
         if path == "/v2/repository/index":
             _allow(method, "POST")
             ready_only = _object(body).get("ready", False) is True if body else False
