@@ -39,6 +39,9 @@ from pyserving.lifecycle.loader import LoaderChain
 from pyserving.lifecycle.manager import VersionSpec
 from pyserving.protocols import operations, profiler
 from pyserving.protocols.tfs import grpc_api, rest_api, warmup
+from pyserving.protocols.v2 import grpc_api as v2_grpc
+from pyserving.protocols.v2 import rest as v2_rest
+from pyserving.protocols.v2.inference import Inference
 from pyserving.runtimes import custom_ops
 from pyserving.runtimes.batching import Batcher, BatchingOptions
 from pyserving.runtimes.registry import RuntimeOptions
@@ -251,6 +254,7 @@ async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.Grpc
         options.enable_serialization_as_tensor_content,
         server.core.reload_proto,
     )
+    services += v2_grpc.services(Inference(server.dataplane, server.core, pool))
     health = None
     if options.enable_grpc_healthcheck_service:
         health = operations.GrpcHealth()
@@ -308,6 +312,8 @@ async def _start_rest(server: _Server) -> http.Listener | None:
         options.rest_api_max_body_bytes,
     )
     router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings), ignore_case=True)
+    v2_settings = v2_rest.V2Settings(options.rest_api_timeout_in_ms, options.rest_api_max_body_bytes)
+    router.mount(v2_rest.PREFIX, v2_rest.V2RestApi(Inference(server.dataplane, server.core, pool), pool, v2_settings))
     try:
         rest_server = await http.start(
             router,

@@ -17,7 +17,7 @@ import threading
 from tensorflow_serving.config import model_server_config_pb2
 
 from pyserving.concurrency import LoopGuard
-from pyserving.errors import Code, ServingError
+from pyserving.errors import Code, ServingError, not_found
 from pyserving.flags import Options
 from pyserving.lifecycle import model_config, sources
 from pyserving.lifecycle.manager import Loader, ModelManager, RetryPolicy
@@ -51,6 +51,7 @@ class ServerCore:
         self._config_poller: threading.Thread | None = None
         self.config_file = ConfigFile(options.model_config_file) if options.model_config_file else None
         self._file_configs: list[ModelConfig] | None = None  # the config file's models, None if it is bad
+        self._unloaded: dict[str, ModelConfig] = {}  # taken out of the config by `unload_model`
 
     def initial_configs(self) -> list[ModelConfig]:
         """The models to serve at start-up: the config file if given, else the single-model flags."""
@@ -105,6 +106,34 @@ class ServerCore:
             )
             what = "servable(s)" if initial else "model(s)"
             raise ServingError(Code.UNKNOWN, f"{len(failures)} {what} did not become available: {{{details}}}")
+
+    def model_names(self) -> list[str]:
+        """Every model of the config, and those `unload_model` took out of it, sorted."""
+        return sorted({c.name for c in self._configs} | set(self._unloaded))
+
+    def unload_model(self, name: str) -> None:
+        """Take `name` out of the model config (its versions unload once their last requests end); NOT_FOUND
+        if it is not in it. Like a gRPC ReloadConfig, a later change of --model_config_file replaces this."""
+        with self._reload_lock:
+            removed = [c for c in self._configs if c.name == name]
+            if not removed:
+                if name in self._unloaded:
+                    return
+                raise not_found(f"Model {name} is not in the model config")
+            self._apply([c for c in self._configs if c.name != name], initial=False)
+            self._unloaded[name] = removed[0]
+
+    def load_model(self, name: str) -> None:
+        """Put `name` back in the model config (as it was before `unload_model`, or as the config file has
+        it) and wait until its versions loaded; NOT_FOUND for a model neither knows, a load failure's error."""
+        with self._reload_lock:
+            if any(c.name == name for c in self._configs):
+                return
+            config = self._unloaded.get(name) or next((c for c in self._file_configs or () if c.name == name), None)
+            if config is None:
+                raise not_found(f"Model {name} is neither in the model config nor was unloaded from it")
+            self._unloaded.pop(name, None)
+            self._apply([*self._configs, config], initial=False)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """Ready when not shutting down and every configured model has an AVAILABLE version."""

@@ -96,10 +96,11 @@ class _Model:
 class Lease:
     """An AVAILABLE version checked out by one request; it is not closed before `release()`."""
 
-    __slots__ = ("version", "servable", "_manager", "_record")
+    __slots__ = ("version", "platform", "servable", "_manager", "_record")
 
     def __init__(self, manager: ModelManager, record: _Version, servable: Servable) -> None:
         self.version = record.status.version
+        self.platform = record.spec.platform
         self.servable = servable
         self._manager = manager
         self._record = record

@@ -44,12 +44,15 @@ class ModelSpec:
 class Target:
     """The model version a request runs on; a `with` block holds it (it cannot unload meanwhile)."""
 
-    __slots__ = ("model", "version", "servable", "_lease")
+    __slots__ = ("model", "version", "servable", "platform", "_lease")
 
-    def __init__(self, model: str, version: int, servable: Servable, lease: Lease | None = None) -> None:
+    def __init__(
+        self, model: str, version: int, servable: Servable, lease: Lease | None = None, platform: str = ""
+    ) -> None:
         self.model = model
         self.version = version
         self.servable = servable
+        self.platform = platform  # the model config's model_platform
         self._lease = lease
 
     @property
@@ -98,7 +101,11 @@ class DataPlane:
     def resolve(self, spec: ModelSpec) -> Target:
         """The version `spec` targets (TF Serving's lookup errors otherwise), held until the `with` block ends."""
         lease = self._manager.lease(spec.name, spec.version, spec.label)
-        return Target(spec.name, lease.version, lease.servable, lease)
+        return Target(spec.name, lease.version, lease.servable, lease, lease.platform)
+
+    def knows(self, name: str) -> bool:
+        """Whether `name` is (or was) a configured model."""
+        return self._manager.knows(name)
 
     def metric_label(self, name: str) -> str:
         """`name` as a request metric's model_name: itself for a configured model, else one shared label

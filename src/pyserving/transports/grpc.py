@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor, message, message_factory
 
-__all__ = ["Service", "bind", "channel_arguments", "create_server", "credentials", "unary_service"]
+__all__ = [
+    "Service",
+    "bind",
+    "channel_arguments",
+    "create_server",
+    "credentials",
+    "session_timeout_ms",
+    "unary_service",
+]
 
 log = logging.getLogger("pyserving")
 
@@ -41,6 +50,18 @@ def channel_arguments(text: str) -> list[tuple[str, int | str]]:
         except ValueError:
             arguments.append((key, value))
     return arguments
+
+
+def session_timeout_ms(remaining_s: float | None) -> int:
+    """An RPC's remaining deadline as a runtime timeout, like TF Serving (0 = none).
+
+    Rounded up to a power of two milliseconds: the runtime caches one callable per
+    timeout value, and exact deadlines would make that cache useless.
+    """
+    if remaining_s is None:
+        return 0
+    millis = max(math.ceil(remaining_s * 1000), 1)
+    return 1 << (millis - 1).bit_length()
 
 
 def create_server(services: Sequence[Service], arguments: Sequence[tuple[str, int | str]] = ()) -> grpc.aio.Server:
@@ -75,9 +96,12 @@ def bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | 
 
 
 def unary_service(servicer: object, service: descriptor.ServiceDescriptor) -> Service:
-    """The unary methods of `service`, answered by the servicer's coroutines of the same names."""
+    """The unary methods of `service` the servicer has coroutines of the same names for (the others answer
+    UNIMPLEMENTED)."""
     handlers = {}
     for method in service.methods:
+        if not hasattr(servicer, method.name) or method.client_streaming or method.server_streaming:
+            continue
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(

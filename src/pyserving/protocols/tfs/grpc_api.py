@@ -8,7 +8,6 @@ out; `ServingError` becomes the RPC status.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argumen
 from pyserving.protocols.tfs.protos import effective_spec, model_spec, version_status
 from pyserving.runtimes.servable import CLASSIFY_METHOD
 from pyserving.serving import DataPlane, ModelSpec, PredictResult
-from pyserving.transports.grpc import Service, unary_service
+from pyserving.transports.grpc import Service, session_timeout_ms, unary_service
 
 __all__ = ["ModelService", "PredictionService", "services"]
 
@@ -46,18 +45,6 @@ log = logging.getLogger("pyserving")
 
 SIGNATURE_DEF_FIELD = "signature_def"
 T = TypeVar("T")
-
-
-def _session_timeout_ms(remaining_s: float | None) -> int:
-    """The RPC deadline as a TF session timeout, like TF Serving (0 = none).
-
-    Rounded up to a power of two milliseconds: the runtime caches one callable per
-    timeout value, and exact deadlines would make that cache useless.
-    """
-    if remaining_s is None:
-        return 0
-    millis = max(math.ceil(remaining_s * 1000), 1)
-    return 1 << (millis - 1).bit_length()
 
 
 async def _unary(
@@ -111,7 +98,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Predict(  # noqa: N802 (gRPC method name)
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> predict_pb2.PredictResponse:
-        timeout_ms = _session_timeout_ms(context.time_remaining())
+        timeout_ms = session_timeout_ms(context.time_remaining())
         return await _unary(self._predict(request, timeout_ms), request, context, "Predict", self._dataplane)
 
     async def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
@@ -163,7 +150,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Classify(  # noqa: N802
         self, request: classification_pb2.ClassificationRequest, context: grpc.aio.ServicerContext
     ) -> classification_pb2.ClassificationResponse:
-        timeout_ms = _session_timeout_ms(context.time_remaining())
+        timeout_ms = session_timeout_ms(context.time_remaining())
         return await _unary(
             run_sync(self._pool, self._classify, request, timeout_ms), request, context, "Classify", self._dataplane
         )
@@ -178,7 +165,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Regress(  # noqa: N802
         self, request: regression_pb2.RegressionRequest, context: grpc.aio.ServicerContext
     ) -> regression_pb2.RegressionResponse:
-        timeout_ms = _session_timeout_ms(context.time_remaining())
+        timeout_ms = session_timeout_ms(context.time_remaining())
         return await _unary(
             run_sync(self._pool, self._regress, request, timeout_ms), request, context, "Regress", self._dataplane
         )
@@ -199,7 +186,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def MultiInference(  # noqa: N802
         self, request: inference_pb2.MultiInferenceRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.MultiInferenceResponse:
-        timeout_ms = _session_timeout_ms(context.time_remaining())
+        timeout_ms = session_timeout_ms(context.time_remaining())
         return await _unary(run_sync(self._pool, self._multi_inference, request, timeout_ms), request, context)
 
     def _multi_inference(
