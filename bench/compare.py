@@ -42,6 +42,8 @@ import requests
 import tensorflow as tf
 from _harness import free_port, wait_for_port
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tritonclient.grpc import service_pb2 as v2_pb2
+from tritonclient.grpc import service_pb2_grpc as v2_pb2_grpc
 
 from pyserving.runtimes import registry
 from pyserving.runtimes.tf_saved_model import SavedModelServable, session_config
@@ -249,13 +251,6 @@ def process_kind(server: str) -> str:
     return "pyserving batching" if server.endswith("batching") else "pyserving"
 
 
-def v2_pb():
-    """tritonclient's generated KServe V2 messages and stub (imported only when a V2 row runs)."""
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-    return service_pb2, service_pb2_grpc
-
-
 def v2_json_body(alias: str, row: np.ndarray) -> bytes:
     """A V2 (Open Inference Protocol) JSON infer body: one FP32 input, flat data, every output as JSON."""
     body = {"inputs": [{"name": alias, "shape": list(row.shape), "datatype": "FP32", "data": row.ravel().tolist()}]}
@@ -283,8 +278,7 @@ def grpc_body(alias: str, row: np.ndarray) -> bytes:
 
 def v2_grpc_request(alias: str, row: np.ndarray):
     """A V2 ModelInferRequest: one FP32 input in raw_input_contents, every output."""
-    service_pb2, _ = v2_pb()
-    request = service_pb2.ModelInferRequest(model_name="m")
+    request = v2_pb2.ModelInferRequest(model_name="m")
     request.inputs.add(name=alias, datatype="FP32", shape=list(row.shape))
     request.raw_input_contents.append(row.astype("<f4").tobytes())
     return request
@@ -384,11 +378,10 @@ def _check_v2_grpc(port: int, alias: str, row: np.ndarray) -> None:
     """One ModelInfer through a real stub: it succeeds and answers raw_output_contents of FP32 values."""
     import grpc
 
-    service_pb2, service_pb2_grpc = v2_pb()
     _, body = grpc_call_for("pyserving V2 gRPC", alias, row)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-            service_pb2.ModelInferRequest.FromString(body[5:]), timeout=60
+        response = v2_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            v2_pb2.ModelInferRequest.FromString(body[5:]), timeout=60
         )
     if not response.outputs or len(response.raw_output_contents) != len(response.outputs):
         raise RuntimeError(f"V2 gRPC: expected raw_output_contents for every output, got {response}")
@@ -527,10 +520,9 @@ def big_tensors(model: Path, work: Path, repeats: int, v2_only: bool = False) ->
         "download JSON": (json.dumps(v2_header("download", False, None)).encode(), {}),
         "round trip JSON": (json.dumps(v2_header("roundtrip", False, None)).encode(), {}),
     }
-    service_pb2, service_pb2_grpc = v2_pb()
     v2_grpc = {}  # V2 gRPC: the same signatures, tensors as raw little-endian bytes
     for key, signature in (("upload", "upload"), ("download", "download"), ("round trip", "roundtrip")):
-        request = service_pb2.ModelInferRequest(model_name="m")
+        request = v2_pb2.ModelInferRequest(model_name="m")
         request.parameters["signature_name"].string_param = signature
         if signature == "download":
             request.inputs.add(name="n", datatype="INT32", shape=[])
@@ -587,7 +579,7 @@ def big_tensors(model: Path, work: Path, repeats: int, v2_only: bool = False) ->
                         "gRPC tensor_content download": grpc_call(down),
                         "gRPC tensor_content round trip": grpc_call(both),
                     }
-                v2_stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                v2_stub = v2_pb2_grpc.GRPCInferenceServiceStub(channel)
                 for key, (body, headers) in v2_rest.items():
                     response = session.post(url + "/v2/models/m/infer", data=body, headers=headers, timeout=60)
                     if response.status_code != 200:
