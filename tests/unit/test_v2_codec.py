@@ -78,6 +78,8 @@ def test_json_data_flat_or_nested_in_row_major_order():
     assert datatypes.from_json("s", "BYTES", (1, 2), 2, [["é", "b"]]).tolist() == [["é".encode(), b"b"]]
     assert datatypes.from_json("h", "FP16", (1,), 1, [0.5]).dtype == np.float16
     assert datatypes.from_json("u", "UINT64", (1,), 1, [2**64 - 1]).tolist() == [2**64 - 1]
+    mixed = datatypes.from_json("u", "UINT64", (2, 2), 4, [[0, 1], [5, 2**64 - 2]])  # numpy alone reads floats
+    assert mixed.dtype == np.uint64 and mixed.tolist() == [[0, 1], [5, 2**64 - 2]]
 
 
 @pytest.mark.parametrize(
@@ -88,7 +90,10 @@ def test_json_data_flat_or_nested_in_row_major_order():
         ("INT32", [1.5], "input 'x' of datatype INT32 takes integers"),
         ("FP32", ["1.5"], "input 'x' of datatype FP32 takes numbers"),
         ("FP32", [{"a": 1}], "input 'x' of datatype FP32 takes numbers"),
-        ("INT64", [2**70], "input 'x' of datatype INT64 takes integers"),
+        ("INT64", [2**70], "input 'x' has a value out of the range of INT64"),
+        ("INT64", [-1, 2**63], "input 'x' has a value out of the range of INT64"),
+        ("UINT64", [-1, 2**63], "input 'x' has a value out of the range of UINT64"),
+        ("UINT64", [1.0, 2**63], "input 'x' of datatype UINT64 takes integers"),
         ("BOOL", [1, 0], "input 'x' of datatype BOOL takes true and false"),
         ("BYTES", ["a", 1], "input 'x' of datatype BYTES takes strings"),
         ("FP32", [[1, 2], [3]], "input 'x' data is not a list of numbers with one size along each dimension"),

@@ -143,6 +143,8 @@ def from_json(name: str, datatype: str, shape: tuple[int, ...], count: int, data
             raise invalid_argument(
                 f"input '{name}' data is not a list of numbers with one size along each dimension"
             ) from None
+        if array.dtype.kind in "fO" and DATATYPES[datatype].kind in "iu":
+            array = _integers(name, datatype, _flatten(data))  # numpy read big ints as floats or objects
         array = _cast(name, datatype, array.ravel())
     if array.size != count:
         raise invalid_argument(
@@ -177,6 +179,16 @@ def _flatten(data: list[Any]) -> list[Any]:
         else:
             stack.pop()
     return flat
+
+
+def _integers(name: str, datatype: str, flat: list[Any]) -> np.ndarray:
+    """Python ints that numpy would not read as one integer type together (below and above 2**63)."""
+    if not all(type(value) is int for value in flat):
+        raise invalid_argument(f"input '{name}' of datatype {datatype} takes integers")
+    info = np.iinfo(DATATYPES[datatype])
+    if flat and (min(flat) < info.min or max(flat) > info.max):
+        raise invalid_argument(f"input '{name}' has a value out of the range of {datatype}")
+    return np.array(flat, dtype=DATATYPES[datatype])
 
 
 def _cast(name: str, datatype: str, array: np.ndarray) -> np.ndarray:

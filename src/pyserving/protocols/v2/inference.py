@@ -141,7 +141,7 @@ class Inference:
             signature = target.signature_defs.get(key)
             if signature is None:
                 raise invalid_argument(
-                    f"signature '{key}' not found; the model has {', '.join(sorted(target.signature_defs))} "
+                    f"signature '{key}' not found; the model has {', '.join(_names(target.signature_defs))} "
                     f"(choose one with the request parameter '{SIGNATURE_PARAMETER}')"
                 )
             arrays = await run_sized(
@@ -214,6 +214,11 @@ class Inference:
 
     def unload(self, name: str) -> None:
         self._repository.unload_model(name)
+
+
+def _names(signatures: Mapping[str, Any]) -> list[str]:
+    """Signature keys a request can name (not TF's `__saved_model_init_op`)."""
+    return sorted(key for key in signatures if not key.startswith("__"))
 
 
 def _tensor_metadata(infos: Mapping[str, meta_graph_pb2.TensorInfo]) -> list[dict[str, Any]]:
