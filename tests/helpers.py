@@ -6,7 +6,9 @@ Test modules import from here (and from `models`), never from each other.
 from __future__ import annotations
 
 import atexit
+import datetime
 import functools
+import ipaddress
 import json
 import os
 import shutil
@@ -24,6 +26,10 @@ import numpy as np
 import requests
 import tensorflow as tf
 import tf_serving_models
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import text_format
 from tensorflow_serving.apis import (
     model_management_pb2,
@@ -336,3 +342,119 @@ class DoublingServable:
 
     def close(self) -> None:
         self.closed = True
+
+
+# -- TLS -----------------------------------------------------------------------------------------------
+
+
+def _certificate(subject: str, key, issuer_name, issuer_key, ca: bool, server: bool) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        # Key identifiers and key usage: Python 3.13 verifies with VERIFY_X509_STRICT, which requires them.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    if not ca:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(obj) -> str:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM).decode()
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def make_pki(folder: Path) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as PEM text (keys
+    `ca`, `server_key`, `server_cert`, `client_key`, `client_cert`) and as files in `folder` (the same keys
+    with `_file`)."""
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pyserving test CA")])
+    ca = _certificate("pyserving test CA", ca_key, ca_name, ca_key, ca=True, server=False)
+    pems = {
+        "ca": _pem(ca),
+        "server_key": _pem(server_key),
+        "server_cert": _pem(_certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False, server=True)),
+        "client_key": _pem(client_key),
+        "client_cert": _pem(_certificate("client", client_key, ca_name, ca_key, ca=False, server=False)),
+    }
+    for name, text in list(pems.items()):
+        (folder / f"{name}.pem").write_text(text)
+        pems[f"{name}_file"] = str(folder / f"{name}.pem")
+    return pems
+
+
+def ssl_config(path: Path, pki: dict[str, str], client_verify: bool) -> Path:
+    """An SSLConfig text proto (for `--ssl_config_file`) with `make_pki`'s server certificate."""
+    text = (
+        f"server_key: {_quote(pki['server_key'])}\nserver_cert: {_quote(pki['server_cert'])}\n"
+        f"custom_ca: {_quote(pki['ca'])}\nclient_verify: {'true' if client_verify else 'false'}\n"
+    )
+    path.write_text(text)
+    return path
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\n", "\\n") + '"'
+
+
+# -- the Open Inference Protocol (KServe V2) through tritonclient ----------------------------------------------
+
+
+def v2_http_input(name: str, array: np.ndarray, datatype: str, binary: bool = True):
+    """A tritonclient.http InferInput holding `array` (raw with the binary extension, or JSON)."""
+    import tritonclient.http as httpclient
+
+    tensor = httpclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
+
+
+def v2_grpc_input(name: str, array: np.ndarray, datatype: str):
+    """A tritonclient.grpc InferInput holding `array` (sent as raw_input_contents)."""
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def assert_v2_error(exc_info, status: str, message: str) -> None:
+    """A tritonclient InferenceServerException: HTTP status ("400") or gRPC code ("StatusCode.NOT_FOUND")."""
+    assert (exc_info.value.status(), exc_info.value.message()) == (status, message)
+
+
+def assert_v2_rest_error(response: requests.Response, status: int, message: str) -> None:
+    assert response.headers["content-type"] == "application/json"
+    assert (response.status_code, response.json()) == (status, {"error": message})

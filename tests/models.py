@@ -226,3 +226,57 @@ def export_busy_doubler(base: Path, iterations: int) -> Path:
     module.double = double
     tf.saved_model.save(module, str(base / "1"), signatures={"serving_default": double})
     return base
+
+
+# The Open Inference Protocol's datatypes and the TF dtypes of `export_v2_types`' signatures (one per datatype,
+# named as the datatype in lower case).
+V2_DATATYPES = {
+    "BOOL": tf.bool,
+    "INT8": tf.int8,
+    "INT16": tf.int16,
+    "INT32": tf.int32,
+    "INT64": tf.int64,
+    "UINT8": tf.uint8,
+    "UINT16": tf.uint16,
+    "UINT32": tf.uint32,
+    "UINT64": tf.uint64,
+    "FP16": tf.float16,
+    "BF16": tf.bfloat16,
+    "FP32": tf.float32,
+    "FP64": tf.float64,
+    "BYTES": tf.string,
+}
+
+
+def _v2_step(dtype: tf.DType):
+    """x [batch, 2] -> y: not x (bool), x + "!" (strings), x + 1 (numbers): an answer only the graph gives."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], dtype, name="x")])
+    def step(x):
+        if dtype == tf.bool:
+            return {"y": tf.logical_not(x)}
+        if dtype == tf.string:
+            return {"y": tf.strings.join([x, "!"])}
+        return {"y": x + tf.constant(1, dtype)}
+
+    return step
+
+
+def export_v2_types(base: Path, version: int) -> Path:
+    """base/<version>: serving_default a, b float32 [batch] -> sum (a + b), diff (a - b), scaled (a * version),
+    and a signature per V2 datatype (see `V2_DATATYPES` and `_v2_step`)."""
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.float32, name="a"), tf.TensorSpec([None], tf.float32, name="b")]
+    )
+    def arithmetic(a, b):
+        return {"sum": a + b, "diff": a - b, "scaled": a * float(version)}
+
+    module = tf.Module()
+    signatures = {"serving_default": arithmetic}
+    for datatype, dtype in V2_DATATYPES.items():
+        signatures[datatype.lower()] = _v2_step(dtype)
+    for name, function in signatures.items():
+        setattr(module, f"f_{name}", function)
+    tf.saved_model.save(module, str(base / str(version)), signatures=signatures)
+    return base

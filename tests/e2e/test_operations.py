@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import gzip
-import ipaddress
 import os
 import shutil
 import signal
@@ -17,12 +15,20 @@ import grpc
 import pytest
 import requests
 import tensorflow as tf
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import HALF_PLUS_TWO, Server, free_port, post, predict_request, reload, run_cli, statuses, wait_for
+from helpers import (
+    HALF_PLUS_TWO,
+    Server,
+    free_port,
+    make_pki,
+    post,
+    predict_request,
+    reload,
+    run_cli,
+    ssl_config,
+    statuses,
+    wait_for,
+)
 from models import export_kitchen
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -262,89 +268,13 @@ def slow_request_in_flight(server, n: int) -> threading.Thread:
 # -- TLS ----------------------------------------------------------------------------------------------
 
 
-def _certificate(subject: str, key, issuer_name, issuer_key, ca: bool, server: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        # Key identifiers and key usage: Python 3.13 verifies with VERIFY_X509_STRICT, which requires them.
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not ca,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    )
-    if not ca:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(obj) -> str:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM).decode()
-    return obj.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, str]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM text and files."""
-    folder = tmp_path_factory.mktemp("pki")
-    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pyserving test CA")])
-    ca = _certificate("pyserving test CA", ca_key, ca_name, ca_key, ca=True, server=False)
-    pems = {
-        "ca": _pem(ca),
-        "server_key": _pem(server_key),
-        "server_cert": _pem(_certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False, server=True)),
-        "client_key": _pem(client_key),
-        "client_cert": _pem(_certificate("client", client_key, ca_name, ca_key, ca=False, server=False)),
-    }
-    for name, text in list(pems.items()):
-        (folder / f"{name}.pem").write_text(text)
-        pems[f"{name}_file"] = str(folder / f"{name}.pem")
-    return pems
-
-
-def _ssl_config(path: Path, pki, client_verify: bool) -> Path:
-    text = (
-        f"server_key: {_quote(pki['server_key'])}\nserver_cert: {_quote(pki['server_cert'])}\n"
-        f"custom_ca: {_quote(pki['ca'])}\nclient_verify: {'true' if client_verify else 'false'}\n"
-    )
-    path.write_text(text)
-    return path
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\n", "\\n") + '"'
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_tls_for_grpc_and_rest(start_server, tmp_path, pki):
-    config = _ssl_config(tmp_path / "ssl.config", pki, client_verify=False)
+    config = ssl_config(tmp_path / "ssl.config", pki, client_verify=False)
     server = start_server(
         "--model_name=half_plus_two",
         f"--model_base_path={HALF_PLUS_TWO}",
@@ -367,7 +297,7 @@ def test_tls_for_grpc_and_rest(start_server, tmp_path, pki):
 
 
 def test_mutual_tls(start_server, tmp_path, pki):
-    config = _ssl_config(tmp_path / "ssl.config", pki, client_verify=True)
+    config = ssl_config(tmp_path / "ssl.config", pki, client_verify=True)
     server = start_server(
         "--model_name=half_plus_two",
         f"--model_base_path={HALF_PLUS_TWO}",
@@ -406,7 +336,7 @@ def test_bad_ssl_config_fails_start_up(tmp_path):
 
 
 def test_client_verify_without_a_ca_names_the_problem(tmp_path, pki):
-    config = _ssl_config(tmp_path / "ssl.config", {**pki, "ca": ""}, client_verify=True)
+    config = ssl_config(tmp_path / "ssl.config", {**pki, "ca": ""}, client_verify=True)
     result = run_cli("--model_name=m", f"--model_base_path={HALF_PLUS_TWO}", f"--ssl_config_file={config}")
     assert result.returncode == 255
     assert result.stdout.strip().splitlines()[-1] == (
@@ -423,7 +353,7 @@ def test_unusable_certificates_name_the_problem(tmp_path, pki, broken):
         values["server_key"] = pki["client_key"]
     else:
         values[broken] = "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
-    config = _ssl_config(tmp_path / "ssl.config", values, client_verify=False)
+    config = ssl_config(tmp_path / "ssl.config", values, client_verify=False)
     result = run_cli("--model_name=m", f"--model_base_path={HALF_PLUS_TWO}", f"--ssl_config_file={config}")
     assert result.returncode == 255
     last = result.stdout.strip().splitlines()[-1]
