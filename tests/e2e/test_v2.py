@@ -463,8 +463,7 @@ def test_unknown_version_and_label(http, grpc_client):
 
 
 SIGNATURES = (
-    "__saved_model_init_op, bf16, bool, bytes, fp16, fp32, fp64, int16, int32, int64, int8, serving_default, "
-    "uint16, uint32, uint64, uint8"
+    "bf16, bool, bytes, fp16, fp32, fp64, int16, int32, int64, int8, serving_default, uint16, uint32, uint64, uint8"
 )
 
 
