@@ -448,3 +448,34 @@ def test_without_the_flag_a_pure_python_model_fails_its_load_naming_it(models):
         f"{file} is a pure-Python model: it is served only with --enable_python_processing "
         "(code in a model folder runs with the server's rights)"
     ) in result.stdout
+
+
+def _readme_section() -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    return readme.split("\n## Processing in Python\n")[1].split("\n## ")[0]
+
+
+def test_the_readme_example_from_files_to_curl(start_server, tmp_path):
+    """The README's worked example as written: its export code, its processing.py, its curl bodies and answers."""
+    section = _readme_section()
+    export, processing_py = section.split("```python\n")[1:3]
+    export, processing_py = export.split("```")[0], processing_py.split("```")[0]
+    shell = section.split("```shell\n")[1].split("```")[0].splitlines()
+    answers = section.split("```\n{")[1].split("```")[0]
+    version = tmp_path / "models" / "fruit" / "1"
+    exec(compile(export.replace('"models/fruit/1"', repr(str(version))), "export", "exec"), {})
+    (version / "vocab.txt").write_text("apple\nbanana\ncherry\ndate\n")
+    (version / "labels.txt").write_text("fruit\nberry\nstone\n")
+    (version / "processing.py").write_text(processing_py)
+    assert "`models/fruit/1/vocab.txt` holds `apple banana cherry date`" in section
+    assert "`models/fruit/1/labels.txt` holds `fruit berry stone`" in section
+    assert shell[0] == (
+        "pyserving --model_name=fruit --model_base_path=$PWD/models/fruit --rest_api_port=8501 "
+        "--enable_python_processing"
+    )
+    server = start_server("--model_name=fruit", f"--model_base_path={version.parent}", "--enable_python_processing")
+    bodies = [line.split("-d '")[1].split("'")[0] for line in shell[1:]]
+    got = "".join(
+        requests.post(f"{server.rest}/v1/models/fruit:predict", data=body, timeout=30).text + "\n" for body in bodies
+    )
+    assert "{" + answers == got

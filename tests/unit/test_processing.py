@@ -36,6 +36,8 @@ def greet(model, name):
         raise processing.InvalidArgument("nobody to greet")
     if name[0] == b"boom":
         raise KeyError("boom")
+    if name[0] == b"exit":
+        raise SystemExit(3)
     if name[0] == b"bad":
         return {"text": ["x"], "extra": [1]}
     return {"text": [f"hello {n.decode()} from {model.name} v{model.version}" for n in name]}
@@ -96,6 +98,9 @@ def test_errors_of_user_code_map_to_codes_and_one_line_messages(tmp_path, pool):
     with pytest.raises(ServingError) as boom:
         servable.run("greet", {"name": np.array([b"boom"], object)}, ["text"], 0)
     assert (boom.value.code, boom.value.message) == (Code.INTERNAL, "KeyError: 'boom'")
+    with pytest.raises(ServingError) as exit_:
+        servable.run("greet", {"name": np.array([b"exit"], object)}, ["text"], 0)
+    assert (exit_.value.code, exit_.value.message) == (Code.INTERNAL, "SystemExit: 3")
     with pytest.raises(ServingError) as extra:
         servable.run("greet", {"name": np.array([b"bad"], object)}, ["text"], 0)
     assert extra.value.code == Code.INTERNAL
@@ -108,6 +113,12 @@ def test_errors_of_user_code_map_to_codes_and_one_line_messages(tmp_path, pool):
     assert (dtype.value.code, dtype.value.message) == (
         Code.INVALID_ARGUMENT,
         "input 'name' of signature greet is float32; it expects string",
+    )
+    with pytest.raises(ServingError) as number:
+        servable.run("quadruple", {"x": np.array([1], np.int32)}, ["y"], 0)
+    assert (number.value.code, number.value.message) == (
+        Code.INVALID_ARGUMENT,
+        "input 'x' of signature quadruple is int32; it expects float",
     )
 
 
