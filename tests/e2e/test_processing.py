@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from helpers import copy_version, free_port, post, run_cli, statuses, wait_for
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from helpers import copy_version, free_port, post, run_cli, statuses, wait_for, write_warmup
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
 
 FLAGS = ("--enable_python_processing", "--max_num_load_retries=0", "--file_system_poll_wait_seconds=1")
 
@@ -152,6 +152,10 @@ def models(tmp_path_factory):
     _rules_version(root / "staged_rules_2", 2)
     _write(root / "pipeline" / "1", PIPELINE)
     _rules_version(root / "fragile" / "1", 1)
+    record = prediction_log_pb2.PredictionLog()
+    record.predict_log.request.model_spec.name = "fragile"
+    record.predict_log.request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0], tf.float32))
+    write_warmup(root / "fragile" / "1", [record.SerializeToString()])
     shutil.copytree(root / "tagger" / "1", root / "sleepy" / "1")
     _write(root / "sleepy" / "1", SLEEPY)
     return root
@@ -168,8 +172,14 @@ def server(start_server, models):
             "fragile": (models / "fragile", "python"),
         },
     )
+    monitoring = models / "monitoring.config"
+    monitoring.write_text("prometheus_config { enable: true }")
     return start_server(
-        f"--model_config_file={config}", *FLAGS, "--enable_batching", "--enable_per_model_batching_parameters"
+        f"--model_config_file={config}",
+        *FLAGS,
+        "--enable_batching",
+        "--enable_per_model_batching_parameters",
+        f"--monitoring_config_file={monitoring}",
     )
 
 
@@ -274,6 +284,19 @@ def test_a_pipeline_calls_other_models(server):
     r = _predict(server, "pipeline", {"inputs": {"text": ["apple", "cherry"]}})
     # labels from tagger's tag_text; "fruit" and "stone" have 5 letters: rules version 1 gives 5 * 2 + 10
     assert (r.status_code, r.json()) == (200, {"outputs": {"labels": ["fruit", "stone"], "scaled": [20.0, 20.0]}})
+
+
+def test_a_pure_python_version_warms_up_and_counts_in_the_runtime_metrics(server, models):
+    file = models / "fragile" / "1" / "assets.extra" / "tf_serving_warmup_requests"
+    assert f"Finished reading warmup data for model at {file}. Number of warmup records read: 1." in server.output()
+    r = _predict(server, "fragile", {"inputs": {"x": [2.0]}})
+    assert r.json()["outputs"]["y"] == [14.0]
+    metrics = requests.get(server.rest + "/monitoring/prometheus/metrics", timeout=10).text.splitlines()
+    counts = [line for line in metrics if line.startswith(":tensorflow:serving:runtime_latency_count{")]
+    matching = [line for line in counts if 'model_name="fragile"' in line and 'runtime="Python"' in line]
+    assert len(matching) == 1, counts
+    line = matching[0]
+    assert float(line.split()[-1]) >= 2  # the warmup record and the request
 
 
 def test_a_batched_signature_receives_merged_batches(server):

@@ -252,3 +252,45 @@ def test_the_loader_chain_wraps_only_with_the_flag_and_pure_python_needs_it(tmp_
     assert sorted(servable.signature_defs) == ["greet", "quadruple", "rows"]
     servable.close()
     assert registry.detect(str(folder)) == "python"
+
+
+class _Leased:
+    """What the resolver hands out: a leased version (here, without a manager)."""
+
+    def __init__(self, servable, version: int) -> None:
+        self.servable, self.version = servable, version
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+
+def test_a_batched_function_calls_another_batched_model_without_waiting_for_a_batch(tmp_path, pool):
+    """One batch thread: a batched function (on it) that waited for another model's batch would wait forever."""
+    text = (
+        "from pyserving import processing\n"
+        "@processing.signature('relay', inputs={'x': ('float', [-1])}, outputs={'y': ('float', [-1])}, batched=True)\n"
+        "def relay(model, x):\n"
+        "    return {'y': model.predict('double', {'x': x}, model_name='other')['y'] + 1}\n"
+    )
+    batcher = Batcher(BatchingOptions(max_batch_size=8, num_batch_threads=1))
+    try:
+        other_inner = DoublingServable()
+        other = BatchedServable(other_inner, batcher, batcher.options)
+        settings = ProcessingSettings(pool, 5000, lambda name, version: _Leased(other, 1))
+        folder = _version(tmp_path, text)
+        relay = ProcessingServable(DoublingServable(), "m", 1, str(folder), settings)
+        batched = BatchedServable(relay, batcher, batcher.options)
+        relay.graph_runner = batched
+
+        async def call():
+            return await asyncio.wait_for(
+                batched.run_async("relay", {"x": np.array([1.0, 2.0], np.float32)}, ["y"], 0), 10
+            )
+
+        assert asyncio.run(call())[0].tolist() == [3.0, 5.0]
+        assert other_inner.runs == [2]
+    finally:
+        batcher.stop()
