@@ -294,3 +294,35 @@ def test_a_batched_function_calls_another_batched_model_without_waiting_for_a_ba
         assert other_inner.runs == [2]
     finally:
         batcher.stop()
+
+
+def test_what_a_batched_function_calls_on_its_batch_thread_never_waits_for_a_batch(tmp_path, pool):
+    """relay (batched, on the only batch thread) calls helper (per-request, inline), whose graph call must go to
+    the graph directly, not to the batcher whose only thread is busy running relay."""
+    text = (
+        "from pyserving import processing\n"
+        "@processing.signature('relay', inputs={'x': ('float', [-1])}, outputs={'y': ('float', [-1])}, batched=True)\n"
+        "def relay(model, x):\n"
+        "    return {'y': model.predict('helper', {'x': x})['y'] + 1}\n"
+        "@processing.signature('helper', inputs={'x': ('float', [-1])}, outputs={'y': ('float', [-1])})\n"
+        "def helper(model, x):\n"
+        "    return {'y': model.predict('double', {'x': x})['y']}\n"
+    )
+    batcher = Batcher(BatchingOptions(max_batch_size=8, num_batch_threads=1))
+    try:
+        inner = DoublingServable()
+        servable = ProcessingServable(inner, "m", 1, str(_version(tmp_path, text)), ProcessingSettings(pool, 5000))
+        batched = BatchedServable(servable, batcher, batcher.options)
+        servable.graph_runner = batched
+        x = {"x": np.array([1.0, 2.0], np.float32)}
+
+        async def call():
+            return await asyncio.wait_for(batched.run_async("relay", x, ["y"], 0), 10)
+
+        assert asyncio.run(call())[0].tolist() == [3.0, 5.0]
+        assert inner.runs == [2]
+        # helper called per request (on the processing pool) does go through the batcher
+        assert asyncio.run(asyncio.wait_for(batched.run_async("helper", x, ["y"], 0), 10))[0].tolist() == [2.0, 4.0]
+        assert inner.runs == [2, 2]
+    finally:
+        batcher.stop()

@@ -221,7 +221,9 @@ class ProcessingServable:
         declared = self._functions.get(signature_name)
         if declared is None:
             return self._inner().run(signature_name, inputs, output_aliases, timeout_ms)
-        direct = declared.batched  # a batched function's graph calls must not wait for another batch
+        # A batched function's calls must not wait for another batch, nor those of any function it calls
+        # (on the same batch thread).
+        direct = declared.batched or _batch_context.active
         return self._call(declared, inputs, output_aliases, timeout_ms, direct)
 
     async def run_async(
@@ -293,6 +295,8 @@ class ProcessingServable:
         """Call the function: checked inputs in, checked outputs back in `output_aliases` order."""
         arguments = {alias: _checked_input(declared, alias, array) for alias, array in inputs.items()}
         handle = _Handle(self, timeout_ms, direct)
+        outer = _batch_context.active
+        _batch_context.active = direct
         try:
             returned = declared.function(handle, **arguments)
         except processing.InvalidArgument as exc:
@@ -308,7 +312,18 @@ class ProcessingServable:
                 exc_info=exc,
             )
             raise ServingError(Code.INTERNAL, _one_line(exc)) from None
+        finally:
+            _batch_context.active = outer
         return _checked_outputs(declared, returned, output_aliases)
+
+
+class _BatchContext(threading.local):
+    """Whether this thread runs a batched function (a batch thread), whose calls must never wait for a batch."""
+
+    active = False
+
+
+_batch_context = _BatchContext()
 
 
 class _Handle:
