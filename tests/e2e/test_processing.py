@@ -18,6 +18,7 @@ import pytest
 import requests
 import tensorflow as tf
 from helpers import copy_version, free_port, post, run_cli, statuses, wait_for, write_warmup
+from onnx_models import export_onnx_scaler
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
 
 FLAGS = ("--enable_python_processing", "--max_num_load_retries=0", "--file_system_poll_wait_seconds=1")
@@ -91,6 +92,19 @@ PIPELINE = """
         return {"labels": labels, "scaled": scaled}
 """
 
+ONNX_TOTALS = """
+    import numpy as np
+    from pyserving import processing
+
+    @processing.signature(
+        "describe", inputs={"rows": ("string", [-1])}, outputs={"text": ("string", [-1])}
+    )
+    def describe(model, rows):
+        x = np.array([[float(v) for v in row.split(b",")] for row in rows], np.float32)
+        out = model.predict("serving_default", {"x": x, "k": np.arange(len(rows), dtype=np.int64)})
+        return {"text": [f"row {n - 1}: total {t:g}" for t, n in zip(out["total"], out["next"])]}
+"""
+
 SLEEPY = """
     import time
     from pyserving import processing
@@ -156,6 +170,8 @@ def models(tmp_path_factory):
     record.predict_log.request.model_spec.name = "fragile"
     record.predict_log.request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0], tf.float32))
     write_warmup(root / "fragile" / "1", [record.SerializeToString()])
+    export_onnx_scaler(root / "scaler", 1)
+    _write(root / "scaler" / "1", ONNX_TOTALS)
     shutil.copytree(root / "tagger" / "1", root / "sleepy" / "1")
     _write(root / "sleepy" / "1", SLEEPY)
     return root
@@ -170,6 +186,7 @@ def server(start_server, models):
             "rules": (models / "rules", "python"),
             "pipeline": (models / "pipeline", "python"),
             "fragile": (models / "fragile", "python"),
+            "scaler": (models / "scaler", "onnx"),
         },
     )
     monitoring = models / "monitoring.config"
@@ -278,6 +295,13 @@ def test_user_errors_answer_400_and_500_and_the_server_keeps_serving(server, stu
     assert "Traceback (most recent call last)" in log and 'return {"y": {"a": 1}["missing"]}' in log
     r = _predict(server, "tagger", {"signature_name": "tag_text", "instances": ["banana"]})
     assert (r.status_code, r.json()) == (200, {"predictions": ["berry"]})
+
+
+def test_processing_works_beside_an_onnx_model(server):
+    r = _predict(server, "scaler", {"signature_name": "describe", "instances": ["1,2,3", "0.5,0,0"]})
+    assert (r.status_code, r.json()) == (200, {"predictions": ["row 0: total 6", "row 1: total 0.5"]})
+    r = _predict(server, "scaler", {"instances": [{"x": [1.0, 2.0, 3.0], "k": 4}]})
+    assert (r.status_code, r.json()) == (200, {"predictions": [{"next": 5, "scaled": [1.0, 2.0, 3.0], "total": 6.0}]})
 
 
 def test_a_pipeline_calls_other_models(server):
