@@ -3,14 +3,17 @@ and a middleman service.
 
 The model: a small text classifier exported with TensorFlow (fixed seed): input `ids` int64 [-1, 32] (padded),
 embedding, mean over the non-pad ids, dense -> `scores` float32 [-1, K] (softmax) and `classes` int64 [-1]
-(argmax). Its version folder holds the vocabulary (vocab.txt), the label names (labels.txt) and a
-processing.py written by this bench: the tokenizer of bench/peers/text_tokenizer.py (lowercase, split,
-vocabulary lookup with an OOV id, pad or truncate to 32) and the signature `classify_text` (text in, label
-names out; plus `classify_text_batched` in the batched form when pyserving has it).
+(argmax). Its version folder holds the vocabulary (vocab.txt, 5,000 made-up words), the label names
+(labels.txt) and a processing.py written by this bench: the tokenizer of bench/peers/text_tokenizer.py
+(lowercase, split, vocabulary lookup with an OOV id, pad or truncate to 32; it reads vocab.txt from
+`model.path`) and the signatures `classify_text` (per request: text in, label names out) and
+`classify_text_batched` (the same function declared `batched=True`).
 
 The set-ups, against one pyserving process started with --enable_python_processing (the same flags for all):
   (a) processing.py: POST {"signature_name": "classify_text", "instances": ["<sentence>"]} to
       /v1/models/m:predict; pyserving tokenizes, runs the model, maps classes to names;
+  (a') the same with "classify_text_batched" (batching on only: there the server merges requests before
+      the function);
   (b) client-side ids: POST {"instances": [[32 ids]]} to /v1/models/m:predict; the answer is the raw
       scores and classes. wrk sends precomputed bytes, so the client's tokenizing and label mapping are NOT
       in the measurement (they would be on the client's CPU);
