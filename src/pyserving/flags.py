@@ -75,9 +75,9 @@ class Options:
     model_platform: str = _flag(
         "",
         "string",
-        "pyserving: runtime of the --model_name model, tensorflow or onnx (ignored if --model_config_file is set). "
-        "Empty: detected from the newest version folder at start-up (model.onnx and no saved_model.pb: onnx; "
-        "else tensorflow)",
+        "pyserving: runtime of the --model_name model, tensorflow, onnx or python (ignored if --model_config_file "
+        "is set). Empty: detected from the newest version folder at start-up (model.onnx and no saved_model.pb: "
+        "onnx; only processing.py: python; else tensorflow)",
     )
     saved_model_tags: str = _flag("serve", "string", "Comma-separated set of tags of the MetaGraphDef to load")
     prefer_tflite_model: bool = _flag(
@@ -195,6 +195,23 @@ class Options:
         "pyserving: on SIGTERM/SIGINT, how long the server keeps accepting requests (with /readyz and gRPC health "
         "already NOT_SERVING, and REST responses closing their connections) before the listeners close, so that "
         "load balancers stop routing here first (Kubernetes endpoint propagation takes a few seconds)",
+    )
+
+    enable_python_processing: bool = _flag(
+        False,
+        "bool",
+        "pyserving: import a version folder's processing.py, whose functions add signatures (pre- and "
+        "post-processing), and serve pure-Python versions (model_platform python). Code in a model folder runs "
+        "with the server's rights. Off: processing.py is never imported (a warning names it)",
+    )
+    python_processing_threads: int = _flag(
+        4 * _CPUS, INT32, "pyserving: threads running per-request Python processing functions (min 1)"
+    )
+    python_processing_timeout_in_ms: int = _flag(
+        60000,
+        INT32,
+        "pyserving: bound on a Python processing call whose request carries no deadline (a gRPC call "
+        "without one; REST calls use --rest_api_timeout_in_ms)",
     )
 
     def saved_model_tag_list(self) -> list[str]:

@@ -44,9 +44,10 @@ from pyserving.protocols.v2 import rest as v2_rest
 from pyserving.protocols.v2.inference import Inference
 from pyserving.runtimes import custom_ops
 from pyserving.runtimes.batching import Batcher, BatchingOptions
+from pyserving.runtimes.python_processing import ProcessingPool, ProcessingSettings
 from pyserving.runtimes.registry import RuntimeOptions
 from pyserving.runtimes.servable import Servable
-from pyserving.serving import DataPlane, Target
+from pyserving.serving import DataPlane, ModelSpec, Target
 from pyserving.transports import grpc as grpc_transport
 from pyserving.transports import http
 
@@ -79,6 +80,7 @@ def _build(options: Options) -> _Server:
     metrics_path, (tls, tls_context) = _monitoring(options), _tls(options)
     intra, inter = options.parallelism()
     batcher = _batcher(options)
+    processing = _processing(options)
     loader = LoaderChain(
         RuntimeOptions(
             tuple(options.saved_model_tag_list()),
@@ -90,11 +92,14 @@ def _build(options: Options) -> _Server:
         ),
         batcher,
         options.enable_batching and options.enable_per_model_batching_parameters,
+        processing=processing,
     )
     core = ServerCore(options, loader)
     dataplane = DataPlane(
         core.manager, options.enable_signature_method_name_check, max(options.max_decoded_tensor_bytes, 0)
     )  # the one place the limit is read: every protocol checks against the data plane's
+    if processing is not None:  # processing functions may call the other models this server serves
+        processing.resolver = lambda name, version: dataplane.resolve(ModelSpec(name, version))
     if options.enable_model_warmup:
         iterations = options.num_request_iterations_for_warmup
 
@@ -115,6 +120,16 @@ def _batcher(options: Options) -> Batcher | None:
         proto = config_protos.BatchingParameters()
         proto.thread_pool_name.value = "model_server_batch_threads"
     return Batcher(BatchingOptions.from_proto(proto, os.cpu_count() or 1))
+
+
+def _processing(options: Options) -> ProcessingSettings | None:
+    """`--enable_python_processing`: the shared processing pool and the default bound of a call."""
+    if not options.enable_python_processing:
+        return None
+    log.warning("Python processing is on: processing.py files in model version folders run with the server's rights")
+    return ProcessingSettings(
+        ProcessingPool(options.python_processing_threads), max(options.python_processing_timeout_in_ms, 1)
+    )
 
 
 def _monitoring(options: Options) -> str | None:

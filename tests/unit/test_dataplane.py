@@ -105,7 +105,7 @@ def test_loader_chain_loads_by_platform_and_wraps_for_batching(tmp_path):
     finally:
         servable.close()
         batcher.stop()
-    assert registry.platforms() == {"tensorflow", "onnx"}
+    assert registry.platforms() == {"tensorflow", "onnx", "python"}
 
 
 class _RecordingPool(ThreadPoolExecutor):

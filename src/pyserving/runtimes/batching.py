@@ -169,6 +169,8 @@ class BatchedServable:
 
     MultiInference runs pass through unbatched, as in TF Serving's BatchingSession,
     where a run that fetches several signatures' outputs matches no batched signature.
+    So do the signatures the inner servable names in `unbatched_signatures` (per-request
+    Python processing functions, which run on their own pool: `inner.run_async`).
     """
 
     def __init__(self, inner: Servable, batcher: Batcher, options: BatchingOptions) -> None:
@@ -176,6 +178,7 @@ class BatchedServable:
         self.inner = inner
         self.options = options
         self._batcher = batcher
+        self._unbatched: frozenset[str] = getattr(inner, "unbatched_signatures", frozenset())
 
     @property
     def runtime(self) -> str:
@@ -189,6 +192,8 @@ class BatchedServable:
         self, signature_name: str, inputs: dict[str, np.ndarray], output_aliases: Sequence[str], timeout_ms: int
     ) -> list[np.ndarray]:
         """Blocks until this call's rows are back."""
+        if signature_name in self._unbatched:
+            return self.inner.run(signature_name, inputs, output_aliases, timeout_ms)
         futures = self._batcher.submit(self, signature_name, inputs, output_aliases, timeout_ms, None)
         return _joined([future.result() for future in futures])
 
@@ -196,6 +201,11 @@ class BatchedServable:
         self, signature_name: str, inputs: dict[str, np.ndarray], output_aliases: Sequence[str], timeout_ms: int
     ) -> list[np.ndarray]:
         """`run` for the event loop: awaits the batch instead of holding a thread."""
+        if signature_name in self._unbatched:
+            result: list[np.ndarray] = await self.inner.run_async(  # type: ignore[attr-defined]
+                signature_name, inputs, output_aliases, timeout_ms
+            )
+            return result
         loop = asyncio.get_running_loop()
         futures = self._batcher.submit(self, signature_name, inputs, output_aliases, timeout_ms, loop)
         try:
@@ -204,6 +214,10 @@ class BatchedServable:
             for future in futures:
                 future.cancel()
             raise
+
+    def runs_async(self, signature_name: str) -> bool:
+        """Every signature is awaited on the loop (`run_async`)."""
+        return True
 
     def run_multi(
         self, tasks: Sequence[tuple[str, Sequence[str]]], inputs: dict[str, np.ndarray], timeout_ms: int

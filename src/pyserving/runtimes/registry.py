@@ -21,6 +21,7 @@ from pyserving.runtimes.servable import Servable
 
 __all__ = [
     "ONNX_PLATFORM",
+    "PYTHON_PLATFORM",
     "TENSORFLOW_PLATFORM",
     "RuntimeOptions",
     "detect",
@@ -33,11 +34,13 @@ __all__ = [
 
 TENSORFLOW_PLATFORM = "tensorflow"
 ONNX_PLATFORM = "onnx"
+PYTHON_PLATFORM = "python"  # a version folder with only processing.py (--enable_python_processing)
 
 # model_platform -> module implementing it.
 _RUNTIMES = {
     TENSORFLOW_PLATFORM: "pyserving.runtimes.tf_saved_model",
     ONNX_PLATFORM: "pyserving.runtimes.onnx_model",
+    PYTHON_PLATFORM: "pyserving.runtimes.python_processing",
 }
 
 # --prefer_tflite_model: TF Serving keeps model_platform "tensorflow" and serves a version folder's
@@ -47,6 +50,7 @@ _TFLITE_FILE, _TFLITE_RUNTIME = "model.tflite", "pyserving.runtimes.tflite_model
 _MARKERS = {
     TENSORFLOW_PLATFORM: ("saved_model.pb", "saved_model.pbtxt", _TFLITE_FILE),
     ONNX_PLATFORM: ("model.onnx",),
+    PYTHON_PLATFORM: ("processing.py",),  # last: beside a model file, processing.py adds to that model
 }
 
 

@@ -24,7 +24,6 @@ from pyserving import metrics, tensors
 from pyserving.concurrency import run_sync
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.lifecycle.manager import Lease, ModelManager, VersionStatus
-from pyserving.runtimes.batching import BatchedServable
 from pyserving.runtimes.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, PREDICT_METHOD, REGRESS_METHOD, Servable
 from pyserving.serving import classify_regress
 
@@ -122,8 +121,9 @@ class DataPlane:
         executor: Executor | None = None,
     ) -> PredictResult:
         """Run a predict signature. The session call goes to `executor` (None: the calling thread, for a
-        caller that owns its event loop, such as warmup) or, for a batched servable, waits for its batch
-        on the loop without holding a thread."""
+        caller that owns its event loop, such as warmup) or, for a servable that schedules its own work
+        (`runs_async(key)`: a batched servable, a Python processing signature), is awaited on the loop
+        without holding a thread."""
         key = signature_name or DEFAULT_SIGNATURE
         signature = target.signature_defs.get(key)
         if signature is None:
@@ -138,8 +138,9 @@ class DataPlane:
         aliases = _output_aliases(signature, output_filter)
         servable = target.servable
         started = time.perf_counter()
-        if isinstance(servable, BatchedServable):
-            arrays = await servable.run_async(key, feeds, aliases, timeout_ms)
+        runs_async = getattr(servable, "runs_async", None)
+        if runs_async is not None and runs_async(key):
+            arrays = await servable.run_async(key, feeds, aliases, timeout_ms)  # type: ignore[attr-defined]
         elif executor is None:
             arrays = servable.run(key, feeds, aliases, timeout_ms)
         else:
