@@ -23,8 +23,8 @@ The set-ups, against one pyserving process started with --enable_python_processi
       is shared with pyserving and wrk.
 Each point runs the set-ups in turn (a b c, then c b a, ...), wrk with 1 thread and a Lua body script, at 16
 and 64 connections; medians of the repeats. One answer of each set-up is checked first for the same labels
-(and against a numpy forward pass of the same weights). "CPU ms/req" is the CPU time of the serving
-processes (pyserving, plus the middleman for (c)) per answered request, from /proc.
+(and against a numpy forward pass of the same weights). "CPU ms/req" is the CPU time of pyserving's process
+per answered request, from /proc (for (c): pyserving + the middleman).
 
     bench/setup && .venv/bin/python bench/processing.py            # 3 x 10 s per point, batching off and on
     .venv/bin/python bench/processing.py --quick                     # 1 x 3 s per point, batching off
@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _harness import free_port, wait_for_port  # noqa: E402
-from compare import median_point, serve, wrk  # noqa: E402
+from compare import BATCHING, median_point, serve, wrk  # noqa: E402
 from text_tokenizer import LENGTH, PAD_ID, Tokenizer  # noqa: E402
 
 VOCABULARY = 5000
@@ -264,18 +264,26 @@ def run_phase(label: str, flags: tuple[str, ...], args, model: Path, folder: Pat
             order = list(urls)
             for repeat in range(args.repeats):
                 for setup in order if repeat % 2 == 0 else order[::-1]:
-                    pids = [server_pid] + ([middle.pid] if setup == "c" else [])
-                    before = sum(cpu_seconds(p) for p in pids)
+                    before = cpu_seconds(server_pid), cpu_seconds(middle.pid)
                     point = wrk(urls[setup], body[setup], conns, args.seconds, work)
-                    used = sum(cpu_seconds(p) for p in pids) - before
-                    point["cpu"] = used / max(point["rps"] * args.seconds, 1) * 1e3
+                    requests_done = max(point["rps"] * args.seconds, 1)
+                    point["cpu"] = (cpu_seconds(server_pid) - before[0]) / requests_done * 1e3
+                    point["cpu_middleman"] = (cpu_seconds(middle.pid) - before[1]) / requests_done * 1e3
                     runs[setup].append(point)
             for setup in urls:
                 point = median_point(runs[setup])
                 point["runs"] = [r["rps"] for r in runs[setup]]
                 results[(setup, conns)] = point
                 print(label, NAMES[setup], conns, {k: v for k, v in point.items() if k != "runs"}, flush=True)
+        if any(point["errors"] for point in results.values()):  # what the servers said about the failures
+            _print_logs(work)
     return results, body
+
+
+def _print_logs(work: Path) -> None:
+    for log in sorted(work.glob("*.log")):
+        print(f"--- {log.name} (last 40 lines)", file=sys.stderr)
+        print("\n".join(log.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr, flush=True)
 
 
 def _server_pid(work: Path) -> int:
@@ -296,9 +304,10 @@ def render(tables: dict[str, dict], body: dict[str, bytes], args) -> str:
         f"{os.cpu_count()} CPUs, 127.0.0.1, wrk with 1 thread, {args.seconds:g} s per point, median of "
         f"{args.repeats}; batch-1 requests of one {WORDS_PER_SENTENCE}-word sentence; the set-ups take turns "
         "within each repeat against one pyserving process per batching setting. "
-        "x (a): median of the per-repeat ratios of req/s to (a). CPU ms/req: CPU time of pyserving "
-        "(and the middleman for (c)) per request. (b)'s client-side tokenizing and label mapping are not "
-        "measured: wrk sends precomputed ids.",
+        "x (a): median of the per-repeat ratios of req/s to (a). CPU ms/req: CPU time of pyserving's process "
+        "per answered request (from /proc), plus the middleman's for (c). (b)'s client-side tokenizing and "
+        "label mapping are not measured: wrk sends precomputed ids. Batching on: --enable_batching with "
+        f"`{BATCHING}`.",
         "",
         "Request bodies: " + ", ".join(f"({s}) {len(b)} bytes" for s, b in body.items() if s in args.setups),
         "",
@@ -320,9 +329,12 @@ def render(tables: dict[str, dict], body: dict[str, bytes], args) -> str:
                 if base and setup != "a":
                     pairs = [x / y for x, y in zip(point["runs"], base["runs"], strict=True) if y]
                     ratio = f"{statistics.median(pairs):.2f}" if pairs else ""
+                cpu = f"{point['cpu']:.2f}"
+                if setup == "c":
+                    cpu += f" + {point['cpu_middleman']:.2f}"
                 lines.append(
                     f"| {NAMES[setup]} | {conns} | {point['rps']:.0f} | {point['p50']:.2f} | {point['p99']:.2f} | "
-                    f"{point['errors']:.0f} | {ratio} | {point['cpu']:.2f} |"
+                    f"{point['errors']:.0f} | {ratio} | {cpu} |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -362,9 +374,7 @@ def main() -> None:
             tables[label], body = run_phase(label, flags, args, work / "m", folder, work)
         report = render(tables, body, args)
     except BaseException:
-        for log in sorted(work.glob("*.log")):
-            print(f"--- {log.name} (last 40 lines)", file=sys.stderr)
-            print("\n".join(log.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
+        _print_logs(work)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
