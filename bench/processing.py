@@ -62,6 +62,8 @@ VOCABULARY = 5000
 DIM = 64
 LABELS = ["sports", "politics", "science", "business", "health", "travel", "music", "food"]
 WORDS_PER_SENTENCE = 12
+# wrk's per-request timeout: long enough that a queueing middleman's slow answers count in p99, not as errors.
+WRK_TIMEOUT = 30
 MIDDLEMAN_PYTHON = HERE / ".venvs" / "middleman" / "bin" / "python"
 
 # The part of the model's processing.py after the tokenizer's source (see write_processing).
@@ -265,7 +267,7 @@ def run_phase(label: str, flags: tuple[str, ...], args, model: Path, folder: Pat
             for repeat in range(args.repeats):
                 for setup in order if repeat % 2 == 0 else order[::-1]:
                     before = cpu_seconds(server_pid), cpu_seconds(middle.pid)
-                    point = wrk(urls[setup], body[setup], conns, args.seconds, work)
+                    point = wrk(urls[setup], body[setup], conns, args.seconds, work, timeout=WRK_TIMEOUT)
                     requests_done = max(point["rps"] * args.seconds, 1)
                     point["cpu"] = (cpu_seconds(server_pid) - before[0]) / requests_done * 1e3
                     point["cpu_middleman"] = (cpu_seconds(middle.pid) - before[1]) / requests_done * 1e3
