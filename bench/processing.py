@@ -311,7 +311,8 @@ def render(tables: dict[str, dict], body: dict[str, bytes], args) -> str:
         "label mapping are not measured: wrk sends precomputed ids. Batching on: --enable_batching with "
         f"`{BATCHING}`.",
         "",
-        "Request bodies: " + ", ".join(f"({s}) {len(b)} bytes" for s, b in body.items() if s in args.setups),
+        "Request bodies: "
+        + ", ".join(f"{NAMES[s].split()[0]} {len(b)} bytes" for s, b in body.items() if s in args.setups),
         "",
     ]
     for label, table in tables.items():
