@@ -36,6 +36,8 @@ def greet(model, name):
         raise processing.InvalidArgument("nobody to greet")
     if name[0] == b"boom":
         raise KeyError("boom")
+    if name[0] == b"exit":
+        raise SystemExit(3)
     if name[0] == b"bad":
         return {"text": ["x"], "extra": [1]}
     return {"text": [f"hello {n.decode()} from {model.name} v{model.version}" for n in name]}
@@ -96,6 +98,9 @@ def test_errors_of_user_code_map_to_codes_and_one_line_messages(tmp_path, pool):
     with pytest.raises(ServingError) as boom:
         servable.run("greet", {"name": np.array([b"boom"], object)}, ["text"], 0)
     assert (boom.value.code, boom.value.message) == (Code.INTERNAL, "KeyError: 'boom'")
+    with pytest.raises(ServingError) as exit_:
+        servable.run("greet", {"name": np.array([b"exit"], object)}, ["text"], 0)
+    assert (exit_.value.code, exit_.value.message) == (Code.INTERNAL, "SystemExit: 3")
     with pytest.raises(ServingError) as extra:
         servable.run("greet", {"name": np.array([b"bad"], object)}, ["text"], 0)
     assert extra.value.code == Code.INTERNAL
@@ -108,6 +113,12 @@ def test_errors_of_user_code_map_to_codes_and_one_line_messages(tmp_path, pool):
     assert (dtype.value.code, dtype.value.message) == (
         Code.INVALID_ARGUMENT,
         "input 'name' of signature greet is float32; it expects string",
+    )
+    with pytest.raises(ServingError) as number:
+        servable.run("quadruple", {"x": np.array([1], np.int32)}, ["y"], 0)
+    assert (number.value.code, number.value.message) == (
+        Code.INVALID_ARGUMENT,
+        "input 'x' of signature quadruple is int32; it expects float",
     )
 
 
@@ -241,3 +252,45 @@ def test_the_loader_chain_wraps_only_with_the_flag_and_pure_python_needs_it(tmp_
     assert sorted(servable.signature_defs) == ["greet", "quadruple", "rows"]
     servable.close()
     assert registry.detect(str(folder)) == "python"
+
+
+class _Leased:
+    """What the resolver hands out: a leased version (here, without a manager)."""
+
+    def __init__(self, servable, version: int) -> None:
+        self.servable, self.version = servable, version
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+
+def test_a_batched_function_calls_another_batched_model_without_waiting_for_a_batch(tmp_path, pool):
+    """One batch thread: a batched function (on it) that waited for another model's batch would wait forever."""
+    text = (
+        "from pyserving import processing\n"
+        "@processing.signature('relay', inputs={'x': ('float', [-1])}, outputs={'y': ('float', [-1])}, batched=True)\n"
+        "def relay(model, x):\n"
+        "    return {'y': model.predict('double', {'x': x}, model_name='other')['y'] + 1}\n"
+    )
+    batcher = Batcher(BatchingOptions(max_batch_size=8, num_batch_threads=1))
+    try:
+        other_inner = DoublingServable()
+        other = BatchedServable(other_inner, batcher, batcher.options)
+        settings = ProcessingSettings(pool, 5000, lambda name, version: _Leased(other, 1))
+        folder = _version(tmp_path, text)
+        relay = ProcessingServable(DoublingServable(), "m", 1, str(folder), settings)
+        batched = BatchedServable(relay, batcher, batcher.options)
+        relay.graph_runner = batched
+
+        async def call():
+            return await asyncio.wait_for(
+                batched.run_async("relay", {"x": np.array([1.0, 2.0], np.float32)}, ["y"], 0), 10
+            )
+
+        assert asyncio.run(call())[0].tolist() == [3.0, 5.0]
+        assert other_inner.runs == [2]
+    finally:
+        batcher.stop()

@@ -30,7 +30,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -141,7 +141,10 @@ class ProcessingPool:
                     self._abandoned -= 1
                 call.state = _DONE
             if not abandoned:
-                _complete(call.future, outcome)
+                try:
+                    _complete(call.future, outcome)
+                except InvalidStateError:  # the caller cancelled it meanwhile: nobody is waiting
+                    pass
 
 
 _QUEUED, _RUNNING, _ABANDONED, _DROPPED, _DONE = range(5)
@@ -296,7 +299,7 @@ class ProcessingServable:
             raise invalid_argument(str(exc)) from None
         except ServingError:
             raise
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: user code must not stop the server
             log.error(
                 "Processing signature %s of model %s version %s failed",
                 declared.name,
@@ -392,13 +395,12 @@ def _strings(value: Any) -> np.ndarray:
 
 
 def _checked_input(declared: processing.Signature, alias: str, array: np.ndarray) -> np.ndarray:
-    expected = declared.inputs[alias].numpy_dtype
-    if array.dtype != expected:
-        if expected == np.dtype(object) or array.dtype == np.dtype(object):
-            raise invalid_argument(
-                f"input '{alias}' of signature {declared.name} is {_dtype_name(array.dtype)}; "
-                f"it expects {declared.inputs[alias].dtype}"
-            )
+    """The input as the function gets it: its dtype must be the declared one (as a graph's feed must)."""
+    if array.dtype != declared.inputs[alias].numpy_dtype:
+        raise invalid_argument(
+            f"input '{alias}' of signature {declared.name} is {_dtype_name(array.dtype)}; "
+            f"it expects {declared.inputs[alias].dtype}"
+        )
     return array
 
 
