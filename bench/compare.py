@@ -302,7 +302,9 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-def wrk(url: str, body: bytes, connections: int, seconds: float, work: Path) -> dict:
+def wrk(url: str, body: bytes, connections: int, seconds: float, work: Path, timeout: float | None = None) -> dict:
+    """One wrk run; `timeout`: wrk's per-request timeout in seconds (default wrk's 2 s: a slower answer counts
+    as a timeout error and is left out of the latencies)."""
     (work / "body.json").write_bytes(body)
     script = work / "post.lua"
     script.write_text(
@@ -310,17 +312,20 @@ def wrk(url: str, body: bytes, connections: int, seconds: float, work: Path) -> 
         f'local f = io.open("{work / "body.json"}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
     )
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
+        + ([f"--timeout={timeout:g}s"] if timeout else [])
+        + [url],
         capture_output=True,
         text=True,
-        timeout=seconds + 60,
+        timeout=seconds + (timeout or 0) + 60,
     ).stdout
     # Failed requests: non-2xx answers plus socket errors (connect, read, write, timeout).
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p50 = re.search(r"^\s+50%\s+(\S+)$", out, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)$", out, re.M)
+    # wrk pads the unit to two characters: a latency of a second or more ends in "s " (a trailing space).
+    p50 = re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M)
     return {
         "rps": float(rps.group(1)) if rps else 0.0,
         "p50": _ms(p50.group(1)) if p50 else math.nan,
