@@ -30,6 +30,22 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> No
 
 
 @contextlib.contextmanager
+def running(command: list[str], port: int, log_path, cwd, timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """Start `command` (output to `log_path`), wait until it listens on `port`; terminate it at exit."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        try:
+            wait_for_port(port, proc, timeout=timeout)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextlib.contextmanager
 def pyserving(*flags: str) -> Iterator[tuple[subprocess.Popen, int, int]]:
     """Start pyserving on 127.0.0.1 with `flags`; yield (process, grpc_port, rest_port); SIGTERM at exit."""
     grpc_port, rest_port = free_port(), free_port()

@@ -40,7 +40,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import numpy as np
 import requests
 import tensorflow as tf
-from _harness import free_port, wait_for_port
+from _harness import free_port, running
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2 as v2_pb2
 from tritonclient.grpc import service_pb2_grpc as v2_pb2_grpc
@@ -156,7 +156,6 @@ def one_row(base: Path) -> tuple[str, np.ndarray]:
 def serve(kind: str, model: Path, work: Path, extra_flags: tuple[str, ...] = ()):
     """Start one server for `model`; yield (rest_url_base, grpc_port or None)."""
     rest, grpc_port = free_port(), free_port()
-    log = open(work / f"{kind}.log", "w")
     if kind.startswith("pyserving"):
         flags = [
             "--host=127.0.0.1",
@@ -206,17 +205,8 @@ def serve(kind: str, model: Path, work: Path, extra_flags: tuple[str, ...] = ())
         )
         command = [str(VENVS / "mlserver" / "bin" / "mlserver"), "start", str(folder)]
         grpc_port = None
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=work)
-    try:
-        wait_for_port(rest, proc, timeout=180)
+    with running(command, rest, work / f"{kind}.log", work):
         yield f"http://127.0.0.1:{rest}", grpc_port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 SERVERS = [

@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -54,7 +53,7 @@ sys.path.insert(0, str(HERE / "peers"))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from _harness import free_port, wait_for_port  # noqa: E402
+from _harness import free_port, running  # noqa: E402
 from compare import BATCHING, median_point, serve, wrk  # noqa: E402
 from text_tokenizer import LENGTH, PAD_ID, Tokenizer  # noqa: E402
 
@@ -178,23 +177,9 @@ def make_sentences(words: list[str], count: int) -> list[str]:
 def middleman(predict_url: str, folder: Path, work: Path):
     """Start bench/peers/middleman.py; yield its /classify URL."""
     port = free_port()
-    log = open(work / "middleman.log", "w")
-    proc = subprocess.Popen(
-        [str(MIDDLEMAN_PYTHON), str(HERE / "peers" / "middleman.py"), str(port), predict_url, str(folder)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=work,
-    )
-    try:
-        wait_for_port(port, proc, timeout=60)
+    command = [str(MIDDLEMAN_PYTHON), str(HERE / "peers" / "middleman.py"), str(port), predict_url, str(folder)]
+    with running(command, port, work / "middleman.log", work, timeout=60) as proc:
         yield proc, f"http://127.0.0.1:{port}/classify"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def bodies(sentence: str, tokenizer: Tokenizer) -> dict[str, bytes]:
