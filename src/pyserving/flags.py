@@ -98,6 +98,12 @@ class Options:
     )
     model_config_file_poll_wait_seconds: int = _flag(0, INT32, "Re-read --model_config_file every N seconds (0 = once)")
     file_system_poll_wait_seconds: int = _flag(1, INT32, "Seconds between polls of the base path for new versions")
+    model_cache_dir: str = _flag(
+        "",
+        "string",
+        "pyserving: folder where versions of s3://, gs:// and az:// base paths are copied before they load "
+        "(empty: pyserving-model-cache in the system's temporary folder)",
+    )
     platform_config_file: str = _flag("", "string", "Text-format PlatformConfigMap", pending="not supported")
     allow_version_labels_for_unavailable_models: bool = _flag(
         False, "bool", "Allow assigning a new label to a version that is not yet available"

@@ -41,7 +41,7 @@ class ServerCore:
             load_threads=4 * (os.cpu_count() or 1),
             unload_threads=options.num_unload_threads,
         )
-        self._source = FileSystemSource(self.manager, options.file_system_poll_wait_seconds)
+        self._source = FileSystemSource(self.manager, options.file_system_poll_wait_seconds, options.model_cache_dir)
         self._configs: list[ModelConfig] = []
         self.draining = False  # set on SIGTERM: not ready any more
         self._reload_lock = threading.Lock()

@@ -121,6 +121,7 @@ class ModelManager:
         self._load_pool = worker_pool(load_threads, "load")
         self._unload_pool = worker_pool(unload_threads, "unload")
         self._stopping = False
+        self._source_errors: dict[str, str] = {}  # model -> why its source could not list its versions
 
     def use_load_threads(self, load_threads: int) -> None:
         """Switch to the steady-state load pool (TF Serving loads the initial models wider)."""
@@ -273,6 +274,15 @@ class ModelManager:
                 servable.close()
                 record.status.state = State.END
 
+    def set_source_error(self, name: str, error: str | None) -> None:
+        """Why the source could not list `name`'s versions (None: it could); shown by `status` while the model
+        has no version."""
+        with self._lock:
+            if error is None:
+                self._source_errors.pop(name, None)
+            else:
+                self._source_errors[name] = error
+
     # -- labels ---------------------------------------------------------------
 
     def set_labels(self, labels: dict[str, dict[str, int]], allow_unavailable: bool) -> None:
@@ -353,7 +363,8 @@ class ModelManager:
         with self._lock:
             model = self._models.get(name)
             if model is None or not model.versions:
-                raise not_found(f"Could not find any versions of model {name}")
+                error = self._source_errors.get(name)
+                raise not_found(f"Could not find any versions of model {name}" + (f": {error}" if error else ""))
             if version is not None:
                 if version not in model.versions:
                     raise not_found(f"Could not find version {version} of model {name}")

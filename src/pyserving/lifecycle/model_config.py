@@ -53,7 +53,9 @@ def single_model(name: str, base_path: str, platform: str) -> list[ModelConfig]:
         log.info("Building single TensorFlow model file config:  model_name: %s model_base_path: %s", name, base_path)
     else:
         log.info("Building single %s model file config: model_name: %s model_base_path: %s", platform, name, base_path)
-    return [ModelConfig(name, os.path.abspath(base_path), platform=platform)]
+    if "://" not in base_path:  # an object-store URL (s3://, gs://, az://) stays as given
+        base_path = os.path.abspath(base_path)
+    return [ModelConfig(name, base_path, platform=platform)]
 
 
 class ConfigFile:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -26,7 +27,9 @@ __all__ = [
     "RuntimeOptions",
     "detect",
     "load",
+    "markers",
     "options_for_tools",
+    "platform_of",
     "platforms",
     "runtime",
     "signature_defs",
@@ -86,6 +89,20 @@ def load(platform: str, path: str, options: RuntimeOptions) -> Servable:
     """Load the version folder `path` with the runtime of `platform` (a name from `platforms()`)."""
     servable: Servable = importlib.import_module(runtime(platform, path, options)).load(path, options)
     return servable
+
+
+def markers() -> dict[str, tuple[str, ...]]:
+    """model_platform -> the files that mark a version folder as its own."""
+    return dict(_MARKERS)
+
+
+def platform_of(file_names: Iterable[str]) -> str | None:
+    """The platform whose marker is among a version folder's top-level `file_names` (`detect`'s order)."""
+    names = set(file_names)
+    for platform, files in _MARKERS.items():
+        if names.intersection(files):
+            return platform
+    return None
 
 
 def detect(version_folder: str) -> str | None:

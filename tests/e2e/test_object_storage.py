@@ -1,0 +1,214 @@
+"""Models on S3: a real S3 server (moto in server mode, a subprocess on a free port) and the real pyserving.
+
+Serving from s3://, a hot swap under traffic, a rollback, a partial upload, a config file mixing local and S3
+models, a missing bucket, a network error and bad credentials.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+from helpers import HALF_PLUS_TWO, Traffic, free_port, grpc_predict, statuses, wait_for, write_config
+
+boto3 = pytest.importorskip("boto3", reason="the S3 tests need pyserving[s3] and moto[server] (pip install .[test])")
+pytest.importorskip("s3fs", reason="the S3 tests need pyserving[s3] (pip install .[s3])")
+pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install .[test])")
+
+VERSION = HALF_PLUS_TWO / "00000123"
+KEY, SECRET = "testing", "testing"
+
+
+class S3Server:
+    """moto_server on a free 127.0.0.1 port; `client` talks to it with boto3."""
+
+    def __init__(self, log_path: Path, key: str = KEY, secret: str = SECRET) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(self.endpoint, timeout=2)
+                break
+            except requests.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start:\n{log_path.read_text()}") from None
+                time.sleep(0.1)
+        self.client = self.make_client(key, secret)
+
+    def make_client(self, key: str, secret: str):
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+        )
+
+    def upload(self, local: Path, bucket: str, prefix: str, marker_last: bool = True, only=None) -> None:
+        """Put every file of `local` under `prefix` (saved_model.pb last, as a deploy script should)."""
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        files.sort(key=lambda p: marker_last and p.name == "saved_model.pb")
+        for path in files:
+            name = path.relative_to(local).as_posix()
+            if only is None or only(name):
+                self.client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=path.read_bytes())
+
+    def delete(self, bucket: str, prefix: str) -> None:
+        listed = self.client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
+        for item in listed:
+            self.client.delete_object(Bucket=bucket, Key=item["Key"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture()
+def s3(tmp_path, monkeypatch):
+    server = S3Server(tmp_path / "moto.log")
+    # What the pyserving subprocess inherits: TF's S3 variables and AWS credentials.
+    monkeypatch.setenv("S3_ENDPOINT", f"127.0.0.1:{server.port}")
+    monkeypatch.setenv("S3_USE_HTTPS", "0")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    yield server
+    server.stop()
+
+
+def cached(cache: Path) -> list[str]:
+    """The version folders in the cache (one folder per model under it)."""
+    return sorted(p.name for model in cache.iterdir() for p in model.iterdir()) if cache.is_dir() else []
+
+
+def model_error(server, name: str) -> tuple[int, str]:
+    r = requests.get(f"{server.rest}/v1/models/{name}", timeout=10)
+    return r.status_code, r.json().get("error", "")
+
+
+def test_s3_model_swaps_and_rolls_back_under_traffic(start_server, s3, tmp_path):
+    s3.client.create_bucket(Bucket="models")
+    s3.upload(VERSION, "models", "half_plus_two/1")
+    cache = tmp_path / "cache"
+    server = start_server(
+        "--model_name=m",
+        "--model_base_path=s3://models/half_plus_two",
+        f"--model_cache_dir={cache}",
+        "--file_system_poll_wait_seconds=1",
+    )
+    assert statuses(server, "m") == [(1, "AVAILABLE", "OK")]
+    assert cached(cache) == ["1"]
+    version_1 = next(cache.iterdir()) / "1"
+    assert sorted(p.relative_to(version_1).as_posix() for p in version_1.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(VERSION).as_posix() for p in VERSION.rglob("*") if p.is_file()
+    )
+    traffic = Traffic(server, "m")
+    swaps: list[float] = []
+    try:
+        wait_for(lambda: traffic.serving(1), what="traffic")
+
+        # A partial upload (no saved_model.pb yet) is not loaded, however long it stays so.
+        s3.upload(VERSION, "models", "half_plus_two/2", only=lambda name: name != "saved_model.pb")
+        time.sleep(3.5)
+        assert statuses(server, "m") == [(1, "AVAILABLE", "OK")]
+        assert cached(cache) == ["1"]
+
+        # The marker last: version 2 is complete, copied, loaded while 1 serves; then 1 unloads.
+        s3.upload(VERSION, "models", "half_plus_two/2", only=lambda name: name == "saved_model.pb")
+        uploaded = time.monotonic()
+        wait_for(lambda: (2, "AVAILABLE", "OK") in statuses(server, "m"), what="version 2")
+        swaps.append(time.monotonic() - uploaded)
+        wait_for(lambda: statuses(server, "m") == [(2, "AVAILABLE", "OK"), (1, "END", "OK")], what="1 to unload")
+        wait_for(lambda: traffic.serving(2), what="traffic on version 2")
+        wait_for(lambda: cached(cache) == ["2"], what="version 1's cache to go")
+
+        # Rollback: deleting version 2 brings 1 back (copied again) before 2 unloads.
+        s3.delete("models", "half_plus_two/2")
+        deleted = time.monotonic()
+        wait_for(lambda: statuses(server, "m") == [(2, "END", "OK"), (1, "AVAILABLE", "OK")], what="rollback")
+        swaps.append(time.monotonic() - deleted)
+        wait_for(lambda: traffic.serving(1), what="traffic on version 1 again")
+        wait_for(lambda: cached(cache) == ["1"], what="version 2's cache to go")
+    finally:
+        traffic.stop()
+    print(
+        f"\nS3 swaps: upload finished -> version 2 AVAILABLE {swaps[0]:.2f} s; delete -> version 1 AVAILABLE "
+        f"{swaps[1]:.2f} s; requests sent {traffic.sent}, failed {len(traffic.failures)}"
+    )
+    assert traffic.failures == []
+    assert traffic.sent > 0
+    assert server.stop() == 0
+    assert cached(cache) == ["1"]  # a restart reuses it
+
+
+def test_s3_and_local_models_in_one_config_survive_store_faults(start_server, s3, tmp_path):
+    s3.client.create_bucket(Bucket="models")
+    s3.upload(VERSION, "models", "deep/path/remote/7")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "3").symlink_to(VERSION)
+    config = tmp_path / "models.config"
+    remote = {"name": "remote", "path": "s3://models/deep/path/remote"}
+    write_config(config, {"name": "local", "path": local}, remote)
+    server = start_server(
+        f"--model_config_file={config}",
+        "--model_config_file_poll_wait_seconds=1",
+        f"--model_cache_dir={tmp_path / 'cache'}",
+        "--file_system_poll_wait_seconds=1",
+    )
+    assert statuses(server, "local") == [(3, "AVAILABLE", "OK")]
+    assert statuses(server, "remote") == [(7, "AVAILABLE", "OK")]
+
+    # A model in a bucket that does not exist: its status says why; the others serve on.
+    write_config(config, {"name": "local", "path": local}, remote, {"name": "nobucket", "path": "s3://no-such/m"})
+    expected = (
+        404,
+        "Could not find any versions of model nobucket: Could not list base path s3://no-such/m: "
+        "FileNotFoundError: The specified bucket does not exist",
+    )
+    wait_for(lambda: model_error(server, "nobucket") == expected, timeout=30, what="nobucket's error")
+    with grpc.insecure_channel(server.grpc) as channel:
+        for name in ("local", "remote"):
+            assert list(grpc_predict(channel, name, x=[2.0]).outputs["y"].float_val) == [3.0]
+
+        # The store goes away (a network error): what serves keeps serving, the error is logged, polls go on.
+        s3.stop()
+        wait_for(
+            lambda: "Could not list base path s3://models/deep/path/remote" in server.output(),
+            timeout=60,
+            what="the listing error",
+        )
+        for name in ("local", "remote"):
+            assert list(grpc_predict(channel, name, x=[2.0]).outputs["y"].float_val) == [3.0]
+        assert statuses(server, "remote") == [(7, "AVAILABLE", "OK")]
+        ready = requests.get(f"{server.rest}/readyz", timeout=10).json()
+        assert ready == {
+            "ready": False,
+            "models": {"local": "AVAILABLE", "nobucket": "NOT_AVAILABLE", "remote": "AVAILABLE"},
+        }
+        # A new local version still loads while the store is down (the poll is not stuck).
+        (local / "4").symlink_to(VERSION)
+        wait_for(lambda: statuses(server, "local") == [(4, "AVAILABLE", "OK"), (3, "END", "OK")], what="local/4")
+    assert server.stop() == 0
