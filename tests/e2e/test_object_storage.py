@@ -6,6 +6,7 @@ models, a missing bucket, a network error and bad credentials.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -211,4 +212,55 @@ def test_s3_and_local_models_in_one_config_survive_store_faults(start_server, s3
         # A new local version still loads while the store is down (the poll is not stuck).
         (local / "4").symlink_to(VERSION)
         wait_for(lambda: statuses(server, "local") == [(4, "AVAILABLE", "OK"), (3, "END", "OK")], what="local/4")
+    assert server.stop() == 0
+
+
+def test_s3_bad_credentials_show_in_the_status_and_are_retried(start_server, s3, tmp_path, monkeypatch):
+    # moto checks credentials once told to: an IAM user with S3 rights first, then authentication on.
+    iam = boto3.client(
+        "iam", endpoint_url=s3.endpoint, region_name="us-east-1", aws_access_key_id=KEY, aws_secret_access_key=SECRET
+    )
+    iam.create_user(UserName="deployer")
+    iam.put_user_policy(
+        UserName="deployer",
+        PolicyName="s3",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )
+    key = iam.create_access_key(UserName="deployer")["AccessKey"]
+    deployer = s3.make_client(key["AccessKeyId"], key["SecretAccessKey"])
+    assert requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"0", timeout=10).status_code == 200
+    s3.client = deployer
+    deployer.create_bucket(Bucket="models")
+    s3.upload(VERSION, "models", "m/1")
+
+    # The server signs with the right key id and a wrong secret.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "1").symlink_to(VERSION)
+    config = write_config(tmp_path / "models.config", {"name": "local", "path": local})
+    server = start_server(
+        f"--model_config_file={config}",
+        "--model_config_file_poll_wait_seconds=1",
+        f"--model_cache_dir={tmp_path / 'cache'}",
+        "--file_system_poll_wait_seconds=1",
+    )
+    write_config(config, {"name": "local", "path": local}, {"name": "m", "path": "s3://models/m"})
+    wait_for(lambda: "Could not list base path s3://models/m" in model_error(server, "m")[1], what="m's error")
+    assert model_error(server, "m") == (
+        404,
+        "Could not find any versions of model m: Could not list base path s3://models/m: PermissionError: The "
+        "request signature we calculated does not match the signature you provided. Check your key and signing "
+        "method.",
+    )
+    assert statuses(server, "local") == [(1, "AVAILABLE", "OK")]
+
+    # The store accepts anyone again: the next polls list, copy and load the model (no restart).
+    assert requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"inf", timeout=10).status_code == 200
+    wait_for(lambda: statuses(server, "m") == [(1, "AVAILABLE", "OK")], timeout=60, what="m after the fix")
+    with grpc.insecure_channel(server.grpc) as channel:
+        assert list(grpc_predict(channel, "m", x=[2.0]).outputs["y"].float_val) == [3.0]
     assert server.stop() == 0
