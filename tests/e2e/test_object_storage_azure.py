@@ -1,0 +1,129 @@
+"""Models on Azure Blob Storage: Azurite (npm's azurite, run by node on a free port) and the real pyserving.
+
+Serving from az://, a hot swap under traffic (zero failed requests), a partial upload, a rollback.
+Azurite comes from `bin/install --test` (.venvs/azurite), or from $AZURITE_BLOB (the azurite-blob program).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from helpers import HALF_PLUS_TWO, Traffic, free_port, statuses, wait_for
+
+adlfs = pytest.importorskip("adlfs", reason="the Azure tests need pyserving[azure] (pip install .[test])")
+
+VERSION = HALF_PLUS_TWO / "00000123"
+_REPO = Path(__file__).resolve().parents[2]
+AZURITE = os.environ.get("AZURITE_BLOB") or str(_REPO / ".venvs" / "azurite" / "node_modules" / ".bin" / "azurite-blob")
+# Azurite's fixed development account (its documented, public key).
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class Azurite:
+    """azurite-blob in memory on a free 127.0.0.1 port."""
+
+    def __init__(self, log_path: Path, workdir: Path) -> None:
+        self.port = free_port()
+        self.connection_string = (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{self.port}/{ACCOUNT};"
+        )
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [
+                AZURITE,
+                "--blobHost=127.0.0.1",
+                f"--blobPort={self.port}",
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--silent",
+            ],
+            cwd=workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{self.port}/", timeout=2)
+                break
+            except requests.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"azurite did not start:\n{log_path.read_text()}") from None
+                time.sleep(0.1)
+        self.fs = adlfs.AzureBlobFileSystem(connection_string=self.connection_string, skip_instance_cache=True)
+
+    def upload(self, local: Path, prefix: str, only=None) -> None:
+        files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == "saved_model.pb")
+        for path in files:
+            name = path.relative_to(local).as_posix()
+            if only is None or only(name):
+                self.fs.pipe(f"{prefix}/{name}", path.read_bytes())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def cached(cache: Path) -> list[str]:
+    return sorted(p.name for model in cache.iterdir() for p in model.iterdir()) if cache.is_dir() else []
+
+
+@pytest.fixture()
+def azure(tmp_path, monkeypatch):
+    if not (os.access(AZURITE, os.X_OK) and shutil.which("node")):
+        pytest.skip(f"Azurite is not installed at {AZURITE} (bin/install --test installs it; it needs node)")
+    workdir = tmp_path / "azurite"
+    workdir.mkdir()
+    server = Azurite(tmp_path / "azurite.log", workdir)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", server.connection_string)
+    yield server
+    server.stop()
+
+
+def test_azure_model_swaps_and_rolls_back_under_traffic(start_server, azure, tmp_path):
+    azure.fs.mkdir("models")
+    azure.upload(VERSION, "models/half_plus_two/1")
+    cache = tmp_path / "cache"
+    server = start_server(
+        "--model_name=m",
+        "--model_base_path=az://models/half_plus_two",
+        f"--model_cache_dir={cache}",
+        "--file_system_poll_wait_seconds=1",
+    )
+    assert statuses(server, "m") == [(1, "AVAILABLE", "OK")]
+    traffic = Traffic(server, "m")
+    try:
+        wait_for(lambda: traffic.serving(1), what="traffic")
+        azure.upload(VERSION, "models/half_plus_two/2", only=lambda name: name != "saved_model.pb")
+        time.sleep(3.5)
+        assert statuses(server, "m") == [(1, "AVAILABLE", "OK")]
+        azure.upload(VERSION, "models/half_plus_two/2", only=lambda name: name == "saved_model.pb")
+        uploaded = time.monotonic()
+        wait_for(lambda: statuses(server, "m") == [(2, "AVAILABLE", "OK"), (1, "END", "OK")], what="the swap")
+        swap_s = time.monotonic() - uploaded
+        wait_for(lambda: traffic.serving(2), what="traffic on version 2")
+        wait_for(lambda: cached(cache) == ["2"], what="version 1's cache to go")
+        azure.fs.rm("models/half_plus_two/2", recursive=True)
+        wait_for(lambda: statuses(server, "m") == [(2, "END", "OK"), (1, "AVAILABLE", "OK")], what="rollback")
+        wait_for(lambda: traffic.serving(1), what="traffic on version 1 again")
+        wait_for(lambda: cached(cache) == ["1"], what="version 2's cache to go")
+    finally:
+        traffic.stop()
+    failed = len(traffic.failures)
+    print(f"\nAzure swap: upload finished -> 2 AVAILABLE, 1 END {swap_s:.2f} s; sent {traffic.sent}, failed {failed}")
+    assert traffic.failures == []
+    assert server.stop() == 0
