@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from helpers import HALF_PLUS_TWO, Traffic, free_port, grpc_predict, statuses, wait_for, write_config
+from helpers import HALF_PLUS_TWO, Traffic, free_port, grpc_predict, statuses, wait_for, write_config, write_warmup
 
 boto3 = pytest.importorskip("boto3", reason="the S3 tests need pyserving[s3] and moto[server] (pip install .[test])")
 pytest.importorskip("s3fs", reason="the S3 tests need pyserving[s3] (pip install .[s3])")
@@ -263,4 +263,44 @@ def test_s3_bad_credentials_show_in_the_status_and_are_retried(start_server, s3,
     wait_for(lambda: statuses(server, "m") == [(1, "AVAILABLE", "OK")], timeout=60, what="m after the fix")
     with grpc.insecure_channel(server.grpc) as channel:
         assert list(grpc_predict(channel, "m", x=[2.0]).outputs["y"].float_val) == [3.0]
+    assert server.stop() == 0
+
+
+def test_s3_onnx_model_is_detected_and_copied_with_its_warmup_without_polling(start_server, s3, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from onnx_models import export_onnx_scaler
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    local = tmp_path / "scaler"
+    export_onnx_scaler(local, 2)
+    warmup = prediction_log_pb2.PredictionLog()
+    warmup.predict_log.request.inputs["x"].float_val.extend([1, 2, 3])
+    warmup.predict_log.request.inputs["x"].dtype = 1  # DT_FLOAT
+    warmup.predict_log.request.inputs["x"].tensor_shape.dim.add(size=1)
+    warmup.predict_log.request.inputs["x"].tensor_shape.dim.add(size=3)
+    warmup.predict_log.request.inputs["k"].int64_val.append(1)
+    warmup.predict_log.request.inputs["k"].dtype = 9  # DT_INT64
+    warmup.predict_log.request.inputs["k"].tensor_shape.dim.add(size=1)
+    write_warmup(local / "2", [warmup.SerializeToString()])
+    s3.client.create_bucket(Bucket="models")
+    s3.upload(local / "2", "models", "scaler/2")
+    cache = tmp_path / "cache"
+    # No --model_platform (model.onnx in the listing says onnx) and no polling (a second listing a second later).
+    server = start_server(
+        "--model_name=scaler",
+        "--model_base_path=s3://models/scaler",
+        f"--model_cache_dir={cache}",
+        "--file_system_poll_wait_seconds=0",
+    )
+    assert statuses(server, "scaler") == [(2, "AVAILABLE", "OK")]
+    assert "Finished reading warmup data for model at " in server.output()
+    (copy,) = cache.iterdir()
+    assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
+        "2/assets.extra/tf_serving_warmup_requests",
+        "2/model.onnx",
+    ]
+    r = requests.post(
+        f"{server.rest}/v1/models/scaler:predict", json={"instances": [{"x": [1.0, 2.0, 3.0], "k": 1}]}, timeout=30
+    )
+    assert (r.status_code, r.json()) == (200, {"predictions": [{"scaled": [2.0, 4.0, 6.0], "total": 6.0, "next": 2}]})
     assert server.stop() == 0
