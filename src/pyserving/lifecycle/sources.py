@@ -209,7 +209,7 @@ class FileSystemSource:
             )
             self._manager.set_source_error(name, f"Could not list base path {url}: {exc}")
             return False
-        self._manager.set_source_error(name, None)
+        copy_error = ""
         # The policy chooses among the complete versions; one that cannot be copied now is left out (and the
         # policy chooses again), so a failed download never un-aspires what serves.
         candidates = dict(complete)
@@ -224,7 +224,9 @@ class FileSystemSource:
                     paths[version] = self._remote.ensure_cached(name, url, version, candidates[version])
                 except (storage.StorageError, OSError) as exc:
                     log.error("Could not copy version %d of servable %s from %s: %s", version, name, url, exc)
+                    copy_error = f"Could not copy version {version} from {url}: {exc}"
                     del candidates[version]
+        self._manager.set_source_error(name, copy_error if not chosen and copy_error else None)
         if not chosen and (name, url) in self._remote_aspired:
             # Nothing complete (or copyable) now: what serves keeps serving, as for a missing local base path.
             return bool(self._remote_aspired[name, url])
