@@ -64,3 +64,30 @@ def test_default_cache_dir_is_under_the_temp_folder(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tempfile, "tempdir", None)
     assert storage.default_cache_dir() == str(tmp_path / "pyserving-model-cache")
+
+
+def test_a_source_error_shows_in_the_status_only_while_the_model_has_no_version():
+    from helpers import DoublingServable
+
+    from pyserving.errors import ServingError
+    from pyserving.lifecycle.manager import ModelManager, RetryPolicy, State, VersionSpec
+
+    manager = ModelManager(lambda spec: DoublingServable(), RetryPolicy(0, 0.01), load_threads=1, unload_threads=1)
+    try:
+        manager.set_source_error("m", "Could not list base path s3://b/m: PermissionError: denied")
+        with pytest.raises(ServingError) as error:
+            manager.status("m")
+        assert (error.value.code.name, error.value.message) == (
+            "NOT_FOUND",
+            "Could not find any versions of model m: Could not list base path s3://b/m: PermissionError: denied",
+        )
+        assert not manager.knows("m")  # the error does not make a model of it
+        manager.set_aspired("m", {1: VersionSpec("m", 1, "/nowhere", "tensorflow")})
+        manager.wait_settled(["m"])
+        assert [(s.version, s.state) for s in manager.status("m")] == [(1, State.AVAILABLE)]
+        manager.set_source_error("other", None)
+        manager.set_source_error("m", None)
+        manager.set_aspired("m", {})
+    finally:
+        manager.unload_all()
+    assert [(s.version, s.state) for s in manager.status("m")] == [(1, State.END)]

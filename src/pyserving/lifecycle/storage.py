@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,8 @@ _SCHEMES = {
 # Timeouts of one request to a store: a poll that meets a dead endpoint fails in seconds, not minutes.
 _CONNECT_TIMEOUT_S = 5
 _READ_TIMEOUT_S = 30
+# A temporary copy folder older than this was left by a server that died while copying.
+_STALE_PARTIAL_S = 3600
 
 
 class StorageError(Exception):
@@ -108,7 +111,7 @@ def _s3_options() -> dict[str, Any]:
 
 
 def _gcs_options() -> dict[str, Any]:
-    options: dict[str, Any] = {"use_listings_cache": False}
+    options: dict[str, Any] = {"use_listings_cache": False, "requests_timeout": _READ_TIMEOUT_S}
     emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
     if emulator:
         if "://" not in emulator:
@@ -120,7 +123,7 @@ def _gcs_options() -> dict[str, Any]:
 
 
 def _azure_options() -> dict[str, Any]:
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"connection_timeout": _CONNECT_TIMEOUT_S, "read_timeout": _READ_TIMEOUT_S}
     connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING", "")
     if connection:
         options["connection_string"] = connection
@@ -272,6 +275,10 @@ class RemoteStore:
             return target
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
+        for name in os.listdir(parent):  # left by a killed server (another may be copying: only old ones)
+            stale = os.path.join(parent, name)
+            if name.startswith(f".{version}.") and name.endswith(".partial") and _age_s(stale) > _STALE_PARTIAL_S:
+                shutil.rmtree(stale, ignore_errors=True)
         staging = os.path.join(parent, f".{version}.{uuid.uuid4().hex}.partial")
         fs = self._fs(url)
         remote_folder = f"{fs._strip_protocol(url).rstrip('/')}/{base.names.get(version, str(version))}"
@@ -319,6 +326,13 @@ class RemoteStore:
         base = self._bases.get((name, url))
         if base is not None:
             base.previous = {}
+
+
+def _age_s(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:
+        return 0.0
 
 
 def _matches(folder: str, listing: Listing) -> bool:
