@@ -1,6 +1,7 @@
 """Models on Azure Blob Storage: Azurite (npm's azurite, run by node on a free port) and the real pyserving.
 
-Serving from az://, a hot swap under traffic (zero failed requests), a partial upload, a rollback.
+Serving from az://, a hot swap under traffic (zero failed requests), a partial upload, a rollback; a missing
+container beside serving models.
 Azurite comes from `bin/install --test` (.venvs/azurite), or from $AZURITE_BLOB (the azurite-blob program).
 """
 
@@ -12,9 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
-from helpers import HALF_PLUS_TWO, Traffic, free_port, statuses, wait_for
+from helpers import HALF_PLUS_TWO, Traffic, free_port, grpc_predict, statuses, wait_for, write_config
 
 adlfs = pytest.importorskip("adlfs", reason="the Azure tests need pyserving[azure] (pip install .[test])")
 
@@ -127,3 +129,41 @@ def test_azure_model_swaps_and_rolls_back_under_traffic(start_server, azure, tmp
     print(f"\nAzure swap: upload finished -> 2 AVAILABLE, 1 END {swap_s:.2f} s; sent {traffic.sent}, failed {failed}")
     assert traffic.failures == []
     assert server.stop() == 0
+
+
+def test_azure_faults_leave_the_other_models_serving(start_server, azure, tmp_path):
+    azure.fs.mkdir("models")
+    azure.upload(VERSION, "models/remote/1")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "1").symlink_to(VERSION)
+    models = [
+        {"name": "local", "path": local},
+        {"name": "remote", "path": "az://models/remote"},
+        {"name": "nocontainer", "path": "az://no-such/m"},
+    ]
+    config = write_config(tmp_path / "models.config", *models[:2])
+    server = start_server(
+        f"--model_config_file={config}",
+        "--model_config_file_poll_wait_seconds=1",
+        f"--model_cache_dir={tmp_path / 'cache'}",
+        "--file_system_poll_wait_seconds=1",
+    )
+    assert statuses(server, "remote") == [(1, "AVAILABLE", "OK")]
+    write_config(config, *models)
+    expected = (
+        404,
+        "Could not find any versions of model nocontainer: Could not list base path az://no-such/m: "
+        "no object under the base path",
+    )
+    wait_for(lambda: model_error(server, "nocontainer") == expected, timeout=30, what="nocontainer's error")
+    with grpc.insecure_channel(server.grpc) as channel:
+        for name in ("local", "remote"):
+            assert list(grpc_predict(channel, name, x=[2.0]).outputs["y"].float_val) == [3.0]
+    assert statuses(server, "remote") == [(1, "AVAILABLE", "OK")]
+    assert server.stop() == 0
+
+
+def model_error(server, name: str) -> tuple[int, str]:
+    r = requests.get(f"{server.rest}/v1/models/{name}", timeout=10)
+    return r.status_code, r.json().get("error", "")

@@ -1,6 +1,7 @@
 """Models on GCS: the gcp-storage-emulator (a subprocess on a free port) and the real pyserving.
 
-Serving from gs://, a hot swap under traffic (zero failed requests), a partial upload, a rollback.
+Serving from gs://, a hot swap under traffic (zero failed requests), a partial upload, a rollback; a missing
+bucket beside serving models.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
-from helpers import HALF_PLUS_TWO, Traffic, free_port, statuses, wait_for
+from helpers import HALF_PLUS_TWO, Traffic, free_port, grpc_predict, statuses, wait_for, write_config
 
 gcsfs_core = pytest.importorskip("gcsfs.core", reason="the GCS tests need pyserving[gcs] (pip install .[test])")
 pytest.importorskip("gcp_storage_emulator", reason="the GCS tests need gcp-storage-emulator (pip install .[test])")
@@ -108,3 +110,40 @@ def test_gcs_model_swaps_and_rolls_back_under_traffic(start_server, gcs, tmp_pat
     print(f"\nGCS swap: upload finished -> 2 AVAILABLE, 1 END {swap_s:.2f} s; sent {traffic.sent}, failed {failed}")
     assert traffic.failures == []
     assert server.stop() == 0
+
+
+def test_gcs_faults_leave_the_other_models_serving(start_server, gcs, tmp_path):
+    gcs.upload(VERSION, "models/remote/1")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "1").symlink_to(VERSION)
+    models = [
+        {"name": "local", "path": local},
+        {"name": "remote", "path": "gs://models/remote"},
+        {"name": "nobucket", "path": "gs://no-such/m"},
+    ]
+    config = write_config(tmp_path / "models.config", *models[:2])
+    server = start_server(
+        f"--model_config_file={config}",
+        "--model_config_file_poll_wait_seconds=1",
+        f"--model_cache_dir={tmp_path / 'cache'}",
+        "--file_system_poll_wait_seconds=1",
+    )
+    assert statuses(server, "remote") == [(1, "AVAILABLE", "OK")]
+    write_config(config, *models)
+    expected = (
+        404,
+        "Could not find any versions of model nobucket: Could not list base path gs://no-such/m: "
+        "FileNotFoundError: b/no-such/o",
+    )
+    wait_for(lambda: model_error(server, "nobucket") == expected, timeout=30, what="nobucket's error")
+    with grpc.insecure_channel(server.grpc) as channel:
+        for name in ("local", "remote"):
+            assert list(grpc_predict(channel, name, x=[2.0]).outputs["y"].float_val) == [3.0]
+    assert statuses(server, "remote") == [(1, "AVAILABLE", "OK")]
+    assert server.stop() == 0
+
+
+def model_error(server, name: str) -> tuple[int, str]:
+    r = requests.get(f"{server.rest}/v1/models/{name}", timeout=10)
+    return r.status_code, r.json().get("error", "")

@@ -272,4 +272,7 @@ class FileSystemSource:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # A poll stuck on an unreachable object store must not hold the shutdown (the thread is a daemon).
+            self._thread.join(5)
+            if self._thread.is_alive():
+                log.warning("The version poll is still running (a slow store?); shutting down without it")

@@ -178,7 +178,7 @@ def list_base_path(fs: Any, url: str) -> dict[str, Listing]:
         fs.invalidate_cache()
         entries = fs.find(root, detail=True)
     except Exception as exc:  # credentials, bucket, network: whatever the store's client raises
-        raise StorageError(f"{type(exc).__name__}: {exc}") from exc
+        raise StorageError(_describe(exc)) from exc
     folders: dict[str, Listing] = {}
     for name, info in entries.items():
         if not name.startswith(root + "/") or name.endswith("/") or info.get("type") == "directory":
@@ -298,7 +298,7 @@ class RemoteStore:
             try:
                 fs.get(remote, local)
             except Exception as exc:
-                raise StorageError(f"copying version {version} failed: {type(exc).__name__}: {exc}") from exc
+                raise StorageError(f"copying version {version} failed: {_describe(exc)}") from exc
             if not _matches(staging, listing):
                 raise StorageError(f"version {version} changed while it was copied")
             if os.path.isdir(target):
@@ -326,6 +326,12 @@ class RemoteStore:
         base = self._bases.get((name, url))
         if base is not None:
             base.previous = {}
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception in one line: its type and its message's first line (Azure's add request ids and XML)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _age_s(path: str) -> float:
