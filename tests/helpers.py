@@ -458,3 +458,106 @@ def assert_v2_error(exc_info, status: str, message: str) -> None:
 def assert_v2_rest_error(response: requests.Response, status: int, message: str) -> None:
     assert response.headers["content-type"] == "application/json"
     assert (response.status_code, response.json()) == (status, {"error": message})
+
+
+# -- object stores (tests/e2e/test_object_storage*.py) ------------------------------------------------------
+
+
+class StoreEmulator:
+    """A local object-store server (moto, gcp-storage-emulator, Azurite) started as a subprocess on
+    `port`; ready once `probe_url` answers HTTP at all. `put(key, data)` and `delete(prefix)` are the
+    subclass's, through that store's own client."""
+
+    def __init__(self, command: list[str], port: int, probe_url: str, log_path: Path, cwd=None) -> None:
+        self.port = port
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(command, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(probe_url, timeout=2)
+                return
+            except requests.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{command[0]} did not start:\n{log_path.read_text()}") from None
+                time.sleep(0.1)
+
+    def put(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def delete(self, prefix: str) -> None:
+        raise NotImplementedError
+
+    def upload(self, local: Path, prefix: str, only=None) -> None:
+        """Put every file of `local` under `prefix`, saved_model.pb last (as a deploy script should)."""
+        files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "saved_model.pb", p))
+        for path in files:
+            name = path.relative_to(local).as_posix()
+            if only is None or only(name):
+                self.put(f"{prefix}/{name}", path.read_bytes())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def cached_versions(cache: Path) -> list[str]:
+    """The version folders in a --model_cache_dir (one folder per model under it)."""
+    return sorted(p.name for model in cache.iterdir() for p in model.iterdir()) if cache.is_dir() else []
+
+
+def swap_and_roll_back(start_server, store: StoreEmulator, url: str, prefix: str, cache: Path, what: str) -> None:
+    """Serve `url` (version 1 of half_plus_two uploaded under `prefix`) with 1 s polling and, under REST and
+    gRPC traffic: a partial upload of version 2 is never loaded; the whole of it swaps in; deleting it rolls
+    back to version 1; each step's cache folders come and go. Zero failed requests; prints the timings."""
+    version = _exported_models() / "saved_model_half_plus_two_cpu" / "00000123"
+    store.upload(version, f"{prefix}/1")
+    server = start_server(
+        "--model_name=m", f"--model_base_path={url}", f"--model_cache_dir={cache}", "--file_system_poll_wait_seconds=1"
+    )
+    assert statuses(server, "m") == [(1, "AVAILABLE", "OK")]
+    assert cached_versions(cache) == ["1"]
+    copied = next(cache.iterdir()) / "1"
+    assert sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(version).as_posix() for p in version.rglob("*") if p.is_file()
+    )
+    traffic = Traffic(server, "m")
+    try:
+        wait_for(lambda: traffic.serving(1), what="traffic")
+        # A partial upload (no saved_model.pb yet) is not loaded, however long it stays so.
+        store.upload(version, f"{prefix}/2", only=lambda name: name != "saved_model.pb")
+        time.sleep(3.5)
+        assert statuses(server, "m") == [(1, "AVAILABLE", "OK")]
+        assert cached_versions(cache) == ["1"]
+        # The marker last: version 2 is complete, copied, loaded while 1 serves; then 1 unloads.
+        store.upload(version, f"{prefix}/2", only=lambda name: name == "saved_model.pb")
+        uploaded = time.monotonic()
+        wait_for(lambda: (2, "AVAILABLE", "OK") in statuses(server, "m"), what="version 2")
+        swap_s = time.monotonic() - uploaded
+        wait_for(lambda: statuses(server, "m") == [(2, "AVAILABLE", "OK"), (1, "END", "OK")], what="1 to unload")
+        wait_for(lambda: traffic.serving(2), what="traffic on version 2")
+        wait_for(lambda: cached_versions(cache) == ["2"], what="version 1's cache to go")
+        # Rollback: deleting version 2 brings 1 back (copied again) before 2 unloads.
+        store.delete(f"{prefix}/2")
+        deleted = time.monotonic()
+        wait_for(lambda: statuses(server, "m") == [(2, "END", "OK"), (1, "AVAILABLE", "OK")], what="rollback")
+        rollback_s = time.monotonic() - deleted
+        wait_for(lambda: traffic.serving(1), what="traffic on version 1 again")
+        wait_for(lambda: cached_versions(cache) == ["1"], what="version 2's cache to go")
+    finally:
+        traffic.stop()
+    print(
+        f"\n{what} swaps: upload finished -> version 2 AVAILABLE {swap_s:.2f} s; delete -> version 1 AVAILABLE "
+        f"{rollback_s:.2f} s; requests sent {traffic.sent}, failed {len(traffic.failures)}"
+    )
+    assert traffic.failures == []
+    assert traffic.sent > 0
+    assert server.stop() == 0
+    assert cached_versions(cache) == ["1"]  # a restart reuses it

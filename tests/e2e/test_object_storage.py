@@ -7,15 +7,23 @@ models, a missing bucket, a network error and bad credentials.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import requests
-from helpers import HALF_PLUS_TWO, Traffic, free_port, grpc_predict, statuses, wait_for, write_config, write_warmup
+from helpers import (
+    HALF_PLUS_TWO,
+    StoreEmulator,
+    free_port,
+    grpc_predict,
+    statuses,
+    swap_and_roll_back,
+    wait_for,
+    write_config,
+    write_warmup,
+)
 
 boto3 = pytest.importorskip("boto3", reason="the S3 tests need pyserving[s3] and moto[server] (pip install .[test])")
 pytest.importorskip("s3fs", reason="the S3 tests need pyserving[s3] (pip install .[s3])")
@@ -25,28 +33,16 @@ VERSION = HALF_PLUS_TWO / "00000123"
 KEY, SECRET = "testing", "testing"
 
 
-class S3Server:
-    """moto_server on a free 127.0.0.1 port; `client` talks to it with boto3."""
+class S3Server(StoreEmulator):
+    """moto_server on a free 127.0.0.1 port; `client` talks to it with boto3; uploads go to `bucket`."""
 
-    def __init__(self, log_path: Path, key: str = KEY, secret: str = SECRET) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(self.endpoint, timeout=2)
-                break
-            except requests.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start:\n{log_path.read_text()}") from None
-                time.sleep(0.1)
+    def __init__(self, log_path: Path, key: str = KEY, secret: str = SECRET, bucket: str = "models") -> None:
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        super().__init__(command, port, self.endpoint, log_path)
         self.client = self.make_client(key, secret)
+        self.bucket = bucket
 
     def make_client(self, key: str, secret: str):
         return boto3.client(
@@ -57,29 +53,13 @@ class S3Server:
             aws_secret_access_key=secret,
         )
 
-    def upload(self, local: Path, bucket: str, prefix: str, marker_last: bool = True, only=None) -> None:
-        """Put every file of `local` under `prefix` (saved_model.pb last, as a deploy script should)."""
-        files = sorted(p for p in local.rglob("*") if p.is_file())
-        files.sort(key=lambda p: marker_last and p.name == "saved_model.pb")
-        for path in files:
-            name = path.relative_to(local).as_posix()
-            if only is None or only(name):
-                self.client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=path.read_bytes())
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
 
-    def delete(self, bucket: str, prefix: str) -> None:
-        listed = self.client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
+    def delete(self, prefix: str) -> None:
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix + "/").get("Contents", [])
         for item in listed:
-            self.client.delete_object(Bucket=bucket, Key=item["Key"])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+            self.client.delete_object(Bucket=self.bucket, Key=item["Key"])
 
 
 @pytest.fixture()
@@ -99,11 +79,6 @@ def s3(tmp_path, monkeypatch):
     server.stop()
 
 
-def cached(cache: Path) -> list[str]:
-    """The version folders in the cache (one folder per model under it)."""
-    return sorted(p.name for model in cache.iterdir() for p in model.iterdir()) if cache.is_dir() else []
-
-
 def model_error(server, name: str) -> tuple[int, str]:
     r = requests.get(f"{server.rest}/v1/models/{name}", timeout=10)
     return r.status_code, r.json().get("error", "")
@@ -111,62 +86,12 @@ def model_error(server, name: str) -> tuple[int, str]:
 
 def test_s3_model_swaps_and_rolls_back_under_traffic(start_server, s3, tmp_path):
     s3.client.create_bucket(Bucket="models")
-    s3.upload(VERSION, "models", "half_plus_two/1")
-    cache = tmp_path / "cache"
-    server = start_server(
-        "--model_name=m",
-        "--model_base_path=s3://models/half_plus_two",
-        f"--model_cache_dir={cache}",
-        "--file_system_poll_wait_seconds=1",
-    )
-    assert statuses(server, "m") == [(1, "AVAILABLE", "OK")]
-    assert cached(cache) == ["1"]
-    version_1 = next(cache.iterdir()) / "1"
-    assert sorted(p.relative_to(version_1).as_posix() for p in version_1.rglob("*") if p.is_file()) == sorted(
-        p.relative_to(VERSION).as_posix() for p in VERSION.rglob("*") if p.is_file()
-    )
-    traffic = Traffic(server, "m")
-    swaps: list[float] = []
-    try:
-        wait_for(lambda: traffic.serving(1), what="traffic")
-
-        # A partial upload (no saved_model.pb yet) is not loaded, however long it stays so.
-        s3.upload(VERSION, "models", "half_plus_two/2", only=lambda name: name != "saved_model.pb")
-        time.sleep(3.5)
-        assert statuses(server, "m") == [(1, "AVAILABLE", "OK")]
-        assert cached(cache) == ["1"]
-
-        # The marker last: version 2 is complete, copied, loaded while 1 serves; then 1 unloads.
-        s3.upload(VERSION, "models", "half_plus_two/2", only=lambda name: name == "saved_model.pb")
-        uploaded = time.monotonic()
-        wait_for(lambda: (2, "AVAILABLE", "OK") in statuses(server, "m"), what="version 2")
-        swaps.append(time.monotonic() - uploaded)
-        wait_for(lambda: statuses(server, "m") == [(2, "AVAILABLE", "OK"), (1, "END", "OK")], what="1 to unload")
-        wait_for(lambda: traffic.serving(2), what="traffic on version 2")
-        wait_for(lambda: cached(cache) == ["2"], what="version 1's cache to go")
-
-        # Rollback: deleting version 2 brings 1 back (copied again) before 2 unloads.
-        s3.delete("models", "half_plus_two/2")
-        deleted = time.monotonic()
-        wait_for(lambda: statuses(server, "m") == [(2, "END", "OK"), (1, "AVAILABLE", "OK")], what="rollback")
-        swaps.append(time.monotonic() - deleted)
-        wait_for(lambda: traffic.serving(1), what="traffic on version 1 again")
-        wait_for(lambda: cached(cache) == ["1"], what="version 2's cache to go")
-    finally:
-        traffic.stop()
-    print(
-        f"\nS3 swaps: upload finished -> version 2 AVAILABLE {swaps[0]:.2f} s; delete -> version 1 AVAILABLE "
-        f"{swaps[1]:.2f} s; requests sent {traffic.sent}, failed {len(traffic.failures)}"
-    )
-    assert traffic.failures == []
-    assert traffic.sent > 0
-    assert server.stop() == 0
-    assert cached(cache) == ["1"]  # a restart reuses it
+    swap_and_roll_back(start_server, s3, "s3://models/half_plus_two", "half_plus_two", tmp_path / "cache", "S3")
 
 
 def test_s3_and_local_models_in_one_config_survive_store_faults(start_server, s3, tmp_path):
     s3.client.create_bucket(Bucket="models")
-    s3.upload(VERSION, "models", "deep/path/remote/7")
+    s3.upload(VERSION, "deep/path/remote/7")
     local = tmp_path / "local"
     local.mkdir()
     (local / "3").symlink_to(VERSION)
@@ -233,7 +158,7 @@ def test_s3_bad_credentials_show_in_the_status_and_are_retried(start_server, s3,
     assert requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"0", timeout=10).status_code == 200
     s3.client = deployer
     deployer.create_bucket(Bucket="models")
-    s3.upload(VERSION, "models", "m/1")
+    s3.upload(VERSION, "m/1")
 
     # The server signs with the right key id and a wrong secret.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
@@ -283,7 +208,7 @@ def test_s3_onnx_model_is_detected_and_copied_with_its_warmup_without_polling(st
     warmup.predict_log.request.inputs["k"].tensor_shape.dim.add(size=1)
     write_warmup(local / "2", [warmup.SerializeToString()])
     s3.client.create_bucket(Bucket="models")
-    s3.upload(local / "2", "models", "scaler/2")
+    s3.upload(local / "2", "scaler/2")
     cache = tmp_path / "cache"
     # No --model_platform (model.onnx in the listing says onnx) and no polling (a second listing a second later).
     server = start_server(
