@@ -561,3 +561,60 @@ def swap_and_roll_back(start_server, store: StoreEmulator, url: str, prefix: str
     assert traffic.sent > 0
     assert server.stop() == 0
     assert cached_versions(cache) == ["1"]  # a restart reuses it
+
+
+def store_outage_and_recovery(start_server, store: StoreEmulator, restart, scheme: str, tmp_path: Path, error: str):
+    """A local model and `{scheme}://models/remote` (version 1 of half_plus_two) serve with 1 s polling; the
+    store stops: both keep serving, the remote listing's `error` (the log's exact text after "with error ")
+    is logged, a new local version loads within a few polls. `restart()` starts the store again on the same
+    port (empty; it creates the bucket or container); versions 1 and 2 are uploaded again and remote
+    version 2 loads. Returns the restarted store; prints the timings."""
+    version = _exported_models() / "saved_model_half_plus_two_cpu" / "00000123"
+    store.upload(version, "remote/1")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "1").symlink_to(version)
+    config = write_config(
+        tmp_path / "models.config",
+        {"name": "local", "path": local},
+        {"name": "remote", "path": f"{scheme}://models/remote"},
+    )
+    server = start_server(
+        f"--model_config_file={config}", f"--model_cache_dir={tmp_path / 'cache'}", "--file_system_poll_wait_seconds=1"
+    )
+    assert statuses(server, "remote") == [(1, "AVAILABLE", "OK")]
+    store.stop()
+    stopped = time.monotonic()
+    logged = (
+        "FileSystemStoragePathSource encountered a filesystem access error: Could not list base path "
+        f"{scheme}://models/remote for servable remote with error {error}"
+    )
+    wait_for(lambda: logged in server.output(), timeout=30, what="the listing error in the log")
+    error_s = time.monotonic() - stopped
+    (local / "2").symlink_to(version)
+    added = time.monotonic()
+    wait_for(lambda: (2, "AVAILABLE", "OK") in statuses(server, "local"), timeout=30, what="local version 2")
+    local_s = time.monotonic() - added
+    with grpc.insecure_channel(server.grpc) as channel:
+        for name in ("local", "remote"):
+            assert list(grpc_predict(channel, name, x=[2.0]).outputs["y"].float_val) == [3.0]
+    assert statuses(server, "remote") == [(1, "AVAILABLE", "OK")]
+    store = restart()
+    store.upload(version, "remote/1")
+    store.upload(version, "remote/2")
+    uploaded = time.monotonic()
+    wait_for(
+        lambda: statuses(server, "remote") == [(2, "AVAILABLE", "OK"), (1, "END", "OK")],
+        timeout=60,
+        what="remote version 2 after the restart",
+    )
+    remote_s = time.monotonic() - uploaded
+    with grpc.insecure_channel(server.grpc) as channel:
+        response = grpc_predict(channel, "remote", x=[2.0])
+        assert (response.model_spec.version.value, list(response.outputs["y"].float_val)) == (2, [3.0])
+    print(
+        f"\nstore stopped -> listing error logged {error_s:.2f} s; new local version AVAILABLE {local_s:.2f} s "
+        f"after it appeared; store back -> remote version 2 AVAILABLE {remote_s:.2f} s after its upload"
+    )
+    assert server.stop() == 0
+    return store

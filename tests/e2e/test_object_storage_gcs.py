@@ -1,7 +1,9 @@
 """Models on GCS: the gcp-storage-emulator (a subprocess on a free port) and the real pyserving.
 
 Serving from gs://, a hot swap under traffic (zero failed requests), a partial upload, a rollback; a missing
-bucket beside serving models.
+bucket beside serving models; the emulator stopped and started again under a serving model.
+The emulator does not check credentials (any token, or none, is accepted), so there is no bad-credentials
+test for GCS here; the Azure tests have one (Azurite checks its account key).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from helpers import (
     free_port,
     grpc_predict,
     statuses,
+    store_outage_and_recovery,
     swap_and_roll_back,
     wait_for,
     write_config,
@@ -32,8 +35,8 @@ VERSION = HALF_PLUS_TWO / "00000123"
 class GcsEmulator(StoreEmulator):
     """gcp-storage-emulator in memory on a free 127.0.0.1 port, with the bucket `models`."""
 
-    def __init__(self, log_path: Path) -> None:
-        port = free_port()
+    def __init__(self, log_path: Path, port: int = 0) -> None:
+        port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1"]
         command += [f"--port={port}", "--in-memory", "--default-bucket=models"]
@@ -91,6 +94,25 @@ def test_gcs_faults_leave_the_other_models_serving(start_server, gcs, tmp_path):
             assert list(grpc_predict(channel, name, x=[2.0]).outputs["y"].float_val) == [3.0]
     assert statuses(server, "remote") == [(1, "AVAILABLE", "OK")]
     assert server.stop() == 0
+
+
+def test_gcs_outage_leaves_models_serving_and_recovers(start_server, gcs, tmp_path):
+    port = gcs.port
+    error = (
+        f"ClientConnectorError: Cannot connect to host 127.0.0.1:{port} ssl:default "
+        f"[Connect call failed ('127.0.0.1', {port})]"
+    )
+    restarted: list[GcsEmulator] = []
+
+    def restart() -> GcsEmulator:
+        restarted.append(GcsEmulator(tmp_path / "gcs-restarted.log", port))
+        return restarted[0]
+
+    try:
+        store_outage_and_recovery(start_server, gcs, restart, "gs", tmp_path, error)
+    finally:
+        for store in restarted:
+            store.stop()
 
 
 def model_error(server, name: str) -> tuple[int, str]:

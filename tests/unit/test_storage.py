@@ -91,3 +91,32 @@ def test_a_source_error_shows_in_the_status_only_while_the_model_has_no_version(
     finally:
         manager.unload_all()
     assert [(s.version, s.state) for s in manager.status("m")] == [(1, State.END)]
+
+
+def test_gcs_requests_are_bounded(monkeypatch):
+    """2 attempts per request (gcsfs's own are 6, about 36 s of back-off against a dead endpoint), and
+    timeouts on the connection and each read, none on the whole request (a large download may take long)."""
+    pytest.importorskip("gcsfs")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
+    fs = storage.filesystem("gs://bucket/model")
+    assert type(fs).__name__ == "BoundedGCSFileSystem"
+    timeout = fs.requests_timeout
+    assert (timeout.total, timeout.connect, timeout.sock_read) == (None, 5, 30)
+    assert fs._endpoint == "http://127.0.0.1:9"
+
+
+def test_azure_client_retries_once_with_timeouts(monkeypatch):
+    pytest.importorskip("adlfs")
+    key = "QUJD"  # base64 of "ABC": never sent anywhere
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", f"AccountName=acct;AccountKey={key};BlobEndpoint=http://127.0.0.1:9/acct;"
+    )
+    fs = storage.filesystem("az://container/model")
+    assert type(fs).__name__ == "BoundedAzureBlobFileSystem"
+    client = fs.service_client
+    assert client.url == "http://127.0.0.1:9/acct/"
+    retry = client._config.retry_policy
+    assert (retry.total_retries, retry.connect_retries, retry.read_retries) == (1, 1, 1)
+    assert (retry.initial_backoff, retry.increment_base) == (1, 2)
+    transport = client._config.transport
+    assert (transport.connection_config.timeout, transport.connection_config.read_timeout) == (5, 30)

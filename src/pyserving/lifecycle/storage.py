@@ -58,9 +58,14 @@ _SCHEMES = {
     "abfs": ("az", "azure"),
 }
 
-# Timeouts of one request to a store: a poll that meets a dead endpoint fails in seconds, not minutes.
+# Timeouts of one request to a store, and the attempts per request: a poll that meets a dead endpoint fails
+# in seconds, not minutes (the stores' clients default to retrying for minutes, holding the polling thread).
 _CONNECT_TIMEOUT_S = 5
 _READ_TIMEOUT_S = 30
+_ATTEMPTS = 2
+# A listing that takes longer than this is abandoned (cancelled) and counted as failed: a backstop for a
+# store that accepts connections but answers too slowly, whatever its client's retries.
+_LIST_DEADLINE_S = 60
 # A temporary copy folder older than this was left by a server that died while copying.
 _STALE_PARTIAL_S = 3600
 
@@ -105,13 +110,18 @@ def _s3_options() -> dict[str, Any]:
     config = {
         "connect_timeout": _CONNECT_TIMEOUT_S,
         "read_timeout": _READ_TIMEOUT_S,
-        "retries": {"max_attempts": 2},
+        "retries": {"max_attempts": _ATTEMPTS},
     }
     return {"client_kwargs": client, "config_kwargs": config, "use_listings_cache": False}
 
 
 def _gcs_options() -> dict[str, Any]:
-    options: dict[str, Any] = {"use_listings_cache": False, "requests_timeout": _READ_TIMEOUT_S}
+    import aiohttp
+
+    # gcsfs hands `requests_timeout` to aiohttp per request: a ClientTimeout bounds the connection and each
+    # read, not the whole request (a plain number would be a total, cutting off a large download).
+    timeout = aiohttp.ClientTimeout(total=None, connect=_CONNECT_TIMEOUT_S, sock_read=_READ_TIMEOUT_S)
+    options: dict[str, Any] = {"use_listings_cache": False, "requests_timeout": timeout}
     emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
     if emulator:
         if "://" not in emulator:
@@ -149,15 +159,90 @@ def filesystem(url: str) -> Any:
         import fsspec
 
         options = _OPTIONS[protocol]()
-        if protocol == "gcs" and os.environ.get("STORAGE_EMULATOR_HOST"):
-            # gcsfs's default class first asks GCS's gRPC control plane for the bucket's layout, which an
-            # emulator does not serve (a minute's timeout per bucket): the plain JSON-API class instead.
-            from gcsfs.core import GCSFileSystem
-
-            return GCSFileSystem(skip_instance_cache=True, **options)
+        _quiet_client_logs()
+        if protocol == "gcs":
+            return _gcs_class()(skip_instance_cache=True, **options)
+        if protocol == "az":
+            return _azure_class()(skip_instance_cache=True, **options)
         return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
     except ImportError as exc:
         raise StorageError(f"{scheme(url)}:// base paths need pyserving[{extra}] ({exc})") from None
+
+
+def _quiet_client_logs() -> None:
+    """azure-core logs every request and response at INFO, gcsfs each request out of retries with its
+    traceback: a store that is down would fill the log at every poll, while pyserving logs each failed
+    listing or copy in one line itself. Their loggers are raised to WARNING and CRITICAL unless a level was
+    set for them already."""
+    for name, level in (("azure", logging.WARNING), ("gcsfs", logging.CRITICAL)):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
+
+
+def _gcs_class() -> type:
+    """gcsfs's file system with `_ATTEMPTS` attempts per request instead of its 6 (about 36 s of back-off
+    against a dead endpoint). Its attempts are fixed when its class is defined (`retries`, read by a
+    decorator of `_request`): this subclass decorates the undecorated method again with gcsfs's own
+    `retry_request`; should a gcsfs release change that shape, its default retries stay (the listing
+    deadline still bounds a poll).
+
+    With `STORAGE_EMULATOR_HOST` set, the plain JSON-API class: gcsfs's default one first asks GCS's gRPC
+    control plane for the bucket's layout, which an emulator does not serve (a minute's timeout per bucket)."""
+    import fsspec
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from gcsfs.core import GCSFileSystem
+
+        base: Any = GCSFileSystem
+    else:
+        base = fsspec.get_filesystem_class("gcs")
+    from gcsfs.retry import retry_request
+
+    undecorated = getattr(base._request, "__wrapped__", None)
+    if undecorated is None:
+        return base
+    return type("BoundedGCSFileSystem", (base,), {"_request": retry_request(retries=_ATTEMPTS)(undecorated)})
+
+
+def _azure_class() -> type:
+    """adlfs's file system whose BlobServiceClient retries a request once, after about a second, with
+    bounded connection and read timeouts (azure-storage-blob's defaults: up to 10 retries with back-offs
+    from 15 s, minutes against a dead endpoint). adlfs passes no client options through, so this subclass
+    builds the client in `do_connect` itself, for the settings `_azure_options` gives: a connection
+    string, or an account name with a key, a SAS token or nothing (anonymous)."""
+    from adlfs import AzureBlobFileSystem
+    from azure.storage.blob.aio import BlobServiceClient
+
+    client_options: dict[str, Any] = {
+        "retry_total": _ATTEMPTS - 1,
+        "retry_connect": _ATTEMPTS - 1,
+        "retry_read": _ATTEMPTS - 1,
+        "retry_status": _ATTEMPTS - 1,
+        "initial_backoff": 1,
+        "increment_base": 2,
+        "connection_timeout": _CONNECT_TIMEOUT_S,
+        "read_timeout": _READ_TIMEOUT_S,
+    }
+
+    class BoundedAzureBlobFileSystem(AzureBlobFileSystem):
+        def do_connect(self) -> None:
+            if self.connection_string:
+                self.service_client = BlobServiceClient.from_connection_string(self.connection_string, **client_options)
+                return
+            if self.account_name and self.credential is None and not hasattr(self, "account_host"):
+                url = f"https://{self.account_name}.blob.core.windows.net"
+                if self.account_key:
+                    self.service_client = BlobServiceClient(url, credential=self.account_key, **client_options)
+                    return
+                sas = self.sas_token or ""
+                if sas and not sas.startswith("?"):
+                    sas = "?" + sas
+                self.service_client = BlobServiceClient(url + sas, **client_options)
+                return
+            super().do_connect()  # a configuration pyserving does not give: adlfs's own client
+
+    return BoundedAzureBlobFileSystem
 
 
 def _markers() -> frozenset[str]:
@@ -173,10 +258,15 @@ def list_base_path(fs: Any, url: str) -> dict[str, Listing]:
 
     StorageError for a failed listing or a base path with no object at all (an object store has no empty
     folders: TF Serving's "Could not find base path")."""
+    from fsspec.exceptions import FSTimeoutError
+
     root = fs._strip_protocol(url).rstrip("/")
     try:
         fs.invalidate_cache()
-        entries = fs.find(root, detail=True)
+        # fsspec's `timeout` on an async file system's call cancels the call once it has run that long.
+        entries = fs.find(root, detail=True, timeout=_LIST_DEADLINE_S)
+    except FSTimeoutError:
+        raise StorageError(f"the listing took more than {_LIST_DEADLINE_S} s (abandoned)") from None
     except Exception as exc:  # credentials, bucket, network: whatever the store's client raises
         raise StorageError(_describe(exc)) from exc
     folders: dict[str, Listing] = {}
