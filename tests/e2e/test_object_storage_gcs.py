@@ -8,7 +8,9 @@ test for GCS here; the Azure tests have one (Azurite checks its account key).
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -113,6 +115,24 @@ def test_gcs_outage_leaves_models_serving_and_recovers(start_server, gcs, tmp_pa
     finally:
         for store in restarted:
             store.stop()
+
+
+def test_a_listing_that_gets_no_answer_is_abandoned_at_the_deadline(monkeypatch, tmp_path):
+    """A port that accepts connections (the kernel's backlog) and never answers: the listing is cancelled at
+    the listing deadline (every store's; 60 s in the server, 2 s here) and reported in one line."""
+    from pyserving.lifecycle import storage
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(storage, "_LIST_DEADLINE_S", 2)
+        started = time.monotonic()
+        with pytest.raises(storage.StorageError) as caught:
+            storage.RemoteStore(str(tmp_path)).complete_versions("m", "gs://models/m")
+        elapsed = time.monotonic() - started
+    assert str(caught.value) == "the listing took more than 2 s (abandoned)"
+    assert 2 <= elapsed < 4
 
 
 def model_error(server, name: str) -> tuple[int, str]:
