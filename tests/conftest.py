@@ -41,3 +41,21 @@ def model_copy(tmp_path):
         return target
 
     return copy
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """tritonclient's HTTP client (V2) on the `server` fixture of the requesting module."""
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(server.rest.removeprefix("http://"), network_timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    """tritonclient's gRPC client (V2) on the `server` fixture of the requesting module."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc) as client:
+        yield client

@@ -64,18 +64,6 @@ def server(start_server, repo):
     )
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpclient.InferenceServerClient(server.rest.removeprefix("http://"), network_timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    with grpcclient.InferenceServerClient(server.grpc) as client:
-        yield client
-
-
 def http_ab(binary_a: bool = True, binary_b: bool = True, a=A, b=B) -> list[httpclient.InferInput]:
     return [v2_http_input("a", a, "FP32", binary_a), v2_http_input("b", b, "FP32", binary_b)]
 

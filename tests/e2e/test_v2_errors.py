@@ -56,18 +56,6 @@ def server(start_server, repo):
     return start_server(f"--model_config_file={repo / 'models.config'}")
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpclient.InferenceServerClient(server.rest.removeprefix("http://"), network_timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    with grpcclient.InferenceServerClient(server.grpc) as client:
-        yield client
-
-
 def http_ab() -> list[httpclient.InferInput]:
     return [v2_http_input("a", A, "FP32"), v2_http_input("b", B, "FP32")]
 
