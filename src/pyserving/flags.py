@@ -163,7 +163,7 @@ class Options:
     # pyserving extensions
     host: str = _flag("0.0.0.0", "string", "pyserving: address the gRPC and REST listeners bind to")
     shutdown_grace_period_seconds: int = _flag(
-        30, INT32, "pyserving: on SIGTERM/SIGINT, how long in-flight requests may take before the server exits"
+        20, INT32, "pyserving: on SIGTERM/SIGINT, how long in-flight requests may take before the server exits"
     )
     rest_api_max_body_bytes: int = _flag(
         64 * 1024 * 1024, INT64, "pyserving: largest REST request body accepted (413 beyond it)"

@@ -201,12 +201,11 @@ def test_inference_service_uses_the_runtime_and_leaves_room_for_the_drain():
     assert predictor["model"]["runtime"] == RUNTIME["metadata"]["name"]
     assert predictor["model"]["modelFormat"] == {"name": "tensorflow"}
     assert predictor["model"]["protocolVersion"] in RUNTIME["spec"]["protocolVersions"]
-    # KServe's arguments leave pyserving's shutdown flags at their defaults: 5 s + 30 s, past the pod's
-    # default 30 s. The example raises the predictor's grace to hold the whole drain.
+    # KServe's arguments leave pyserving's shutdown flags at their defaults: 5 s + 20 s, inside the pod's
+    # default 30 s grace, which the example states.
     shutdown_s = _shutdown_s(RUNTIME["spec"]["containers"][0]["args"])
-    assert shutdown_s == 35
-    assert shutdown_s > DEFAULT_POD_GRACE_S
-    assert predictor["terminationGracePeriodSeconds"] == 40 >= shutdown_s + EXIT_MARGIN_S
+    assert shutdown_s == 25
+    assert predictor["terminationGracePeriodSeconds"] == DEFAULT_POD_GRACE_S >= shutdown_s + EXIT_MARGIN_S
 
 
 def test_deployment_probes_ports_security_and_drain():
