@@ -158,20 +158,22 @@ def grpc_span(
 
 def annotate(model: str, version: int, signature: str, rows: int | None) -> None:
     """The version, signature and rows a call ran with, on the current span (call when `enabled`)."""
-    span = _api.trace.get_current_span()
-    span.set_attribute("pyserving.model.name", model)
-    span.set_attribute("pyserving.model.version", version)
-    span.set_attribute("pyserving.signature", signature)
+    attributes: dict[str, str | int] = {
+        "pyserving.model.name": model,
+        "pyserving.model.version": version,
+        "pyserving.signature": signature,
+    }
     if rows is not None:
-        span.set_attribute("pyserving.batch.size", rows)
+        attributes["pyserving.batch.size"] = rows
+    _api.trace.get_current_span().set_attributes(attributes)  # one call: the SDK locks the span once
 
 
 def note_batch(queue_seconds: float, batch_size: int) -> None:
     """How long the call waited in the batcher's queue and the size of the batch it ran in (padded, the
     largest when the call was split), on the current span (call when `enabled`)."""
-    span = _api.trace.get_current_span()
-    span.set_attribute("pyserving.queue.time_ms", max(queue_seconds, 0.0) * 1e3)
-    span.set_attribute("pyserving.batch.run_size", batch_size)
+    _api.trace.get_current_span().set_attributes(
+        {"pyserving.queue.time_ms": max(queue_seconds, 0.0) * 1e3, "pyserving.batch.run_size": batch_size}
+    )
 
 
 class _RequestSpan:
@@ -208,14 +210,16 @@ class _RequestSpan:
                 code, message, http_status = Code.INTERNAL, INTERNAL_ERROR, 500
             else:  # the call was cancelled (client gone, deadline): no answer was sent
                 code, message, http_status = Code.CANCELLED, "Cancelled", 0
+            attributes: dict[str, str | int] = {}
             if self._http:
                 if http_status:
-                    span.set_attribute("http.response.status_code", http_status)
+                    attributes["http.response.status_code"] = http_status
             else:
-                span.set_attribute("rpc.grpc.status_code", int(code))
+                attributes["rpc.grpc.status_code"] = int(code)
             if code != Code.OK:
-                span.set_attribute("pyserving.status.code", code.name)
+                attributes["pyserving.status.code"] = code.name
                 span.set_status(trace.Status(trace.StatusCode.ERROR, message))
+            span.set_attributes(attributes)
         finally:
             _api.context.detach(self._token)
             span.end()
