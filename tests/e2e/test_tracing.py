@@ -366,3 +366,15 @@ def test_unusable_otel_settings_stop_the_start(start_server, receiver, env, mess
     server = _start(start_server, receiver, "--enable_tracing", ready=False, **env)
     assert server.proc.wait(60) == 255
     assert message in server.output()
+
+
+def test_console_exporter_prints_the_spans(start_server, receiver):
+    server = _start(start_server, receiver, "--enable_tracing", OTEL_TRACES_EXPORTER="console")
+    header, trace_id, _ = traceparent()
+    r = post(f"{server.rest}/v1/models/{MODEL}:predict", {"instances": [[1.0]]}, headers={"traceparent": header})
+    assert r.status_code == 200
+    assert server.stop() == 0
+    log = server.log_path.read_text()
+    assert "Tracing on: service pyserving, exporter ConsoleSpanExporter, sampler ParentBased" in log
+    assert '"name": "Predict"' in log and f'"trace_id": "0x{trace_id}"' in log
+    assert all(span.trace_id.hex() != trace_id for _, _, span in receiver.spans())  # printed, not sent
