@@ -5,6 +5,7 @@ background threads survive their failures.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -30,9 +31,10 @@ def worker_pool(threads: int, name: str) -> ThreadPoolExecutor:
 
 
 async def run_sync(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn(*args)` on `pool` and await its result without blocking the loop."""
+    """Run `fn(*args)` on `pool` and await its result without blocking the loop; `fn` sees the caller's
+    context variables (as with `asyncio.to_thread`), such as the request's tracing span."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(pool, fn, *args)
+    return await loop.run_in_executor(pool, contextvars.copy_context().run, fn, *args)
 
 
 async def run_sized(pool: Executor, size: int, fn: Callable[..., T], *args: Any) -> T:

@@ -220,6 +220,13 @@ class Options:
         "without one; REST calls use --rest_api_timeout_in_ms)",
     )
 
+    enable_tracing: bool = _flag(
+        False,
+        "bool",
+        "pyserving: export an OpenTelemetry span per inference request over OTLP (pyserving[tracing]); the "
+        "standard OTEL_* variables set the endpoint, service name (default pyserving), sampler and exporter",
+    )
+
     def saved_model_tag_list(self) -> list[str]:
         return _entries(self.saved_model_tags)
 

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import uvloop
 
-from pyserving import config_protos, metrics
+from pyserving import config_protos, metrics, tracing
 from pyserving.concurrency import worker_pool
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
@@ -76,6 +76,7 @@ class _Server:
 def _build(options: Options) -> _Server:
     """The loader chain, the core and the data plane; `ServingError` if a config file is bad."""
     options.validate()
+    tracing.setup(options.enable_tracing)
     custom_ops.load(options.custom_op_library_list(), options.custom_op_module_list())
     metrics_path, (tls, tls_context) = _monitoring(options), _tls(options)
     intra, inter = options.parallelism()
@@ -191,6 +192,8 @@ def run(options: Options) -> int:
         except ServingError as exc:
             print(f"Failed to start server. Error: {exc}", flush=True)
             return 255
+        finally:
+            tracing.shutdown()  # the spans still queued leave before the process exits
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -116,7 +117,8 @@ class _RecordingPool(ThreadPoolExecutor):
         self.ran: list[str] = []
 
     def submit(self, fn, /, *args, **kwargs):
-        self.ran.append(getattr(fn, "__name__", repr(fn)))
+        ran = args[0] if isinstance(getattr(fn, "__self__", None), contextvars.Context) else fn  # run_sync's wrapper
+        self.ran.append(getattr(ran, "__name__", repr(ran)))
         return super().submit(fn, *args, **kwargs)
 
 
