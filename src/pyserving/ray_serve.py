@@ -12,7 +12,8 @@ Each replica is a whole pyserving data plane built from the CLI's flags (`server
 
 Run: `serve run pyserving.ray_serve:app model_name=m model_base_path=/models/m enable_batching=true`
 (every `key=value` is the CLI's `--key=value`), plus deployment options `num_replicas`,
-`max_ongoing_requests`, `min_replicas`/`max_replicas`/`target_ongoing_requests` (autoscaling). Importing
+`max_ongoing_requests`, `min_replicas`/`max_replicas`/`target_ongoing_requests` and the delays
+`upscale_delay_s`, `downscale_delay_s`, `look_back_period_s`, `metrics_interval_s` (autoscaling). Importing
 this module imports Ray; nothing else in pyserving does.
 """
 
@@ -22,6 +23,7 @@ import asyncio
 import gc
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -29,10 +31,18 @@ from typing import Any
 import grpc
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from pyserving import config_protos, flags
 
-__all__ = ["GRPC_SERVICER_FUNCTIONS", "REPLICA_HEADER", "PyServing", "app", "deployment_options"]
+__all__ = [
+    "GRPC_SERVICER_FUNCTIONS",
+    "REPLICA_HEADER",
+    "PyServing",
+    "add_GRPCInferenceServiceServicer_to_server",
+    "app",
+    "deployment_options",
+]
 
 log = logging.getLogger("pyserving")
 
@@ -41,9 +51,21 @@ log = logging.getLogger("pyserving")
 GRPC_SERVICER_FUNCTIONS = [
     "tensorflow_serving.apis.prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server",
     "tensorflow_serving.apis.model_service_pb2_grpc.add_ModelServiceServicer_to_server",
-    "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
+    "pyserving.ray_serve.add_GRPCInferenceServiceServicer_to_server",
 ]
 REPLICA_HEADER = b"x-pyserving-replica"
+
+# Ray's gRPC proxy pickles each request for the replica, and pickle finds a message class by its module's
+# name. Triton's generated V2 messages name theirs `grpc_service_pb2` (the .proto's name), which nothing
+# installs: this alias makes it importable in each Ray process that imports this module (the proxy imports it
+# for the servicer function below, a replica for the deployment class).
+sys.modules.setdefault("grpc_service_pb2", service_pb2)
+
+
+def add_GRPCInferenceServiceServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 (gRPC's name)
+    """The V2 service for Ray's gRPC proxy (named in `GRPC_SERVICER_FUNCTIONS`)."""
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
 
 # Ray's default max_ongoing_requests (5) would cap a replica's batches at 5 requests. Without batching a
 # request holds a worker thread for its session call; more waiting inside the replica than its threads only
@@ -51,7 +73,16 @@ REPLICA_HEADER = b"x-pyserving-replica"
 _UNBATCHED_ONGOING = 32
 _MAX_ONGOING_CAP = 2048
 
-_DEPLOYMENT_KEYS = {"num_replicas", "max_ongoing_requests", "min_replicas", "max_replicas", "target_ongoing_requests"}
+# Autoscaling's timing, passed to Ray's autoscaling_config as given (seconds).
+_AUTOSCALING_TIMES = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s")
+_DEPLOYMENT_KEYS = {
+    "num_replicas",
+    "max_ongoing_requests",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    *_AUTOSCALING_TIMES,
+}
 
 
 class _Aborted(Exception):
@@ -199,6 +230,9 @@ def deployment_options(args: Mapping[str, str]) -> dict[str, Any]:
             "max_replicas": int(args["max_replicas"]),
             "target_ongoing_requests": float(args.get("target_ongoing_requests", str(max(ongoing // 2, 1)))),
         }
+        for key in _AUTOSCALING_TIMES:
+            if key in args:
+                result["autoscaling_config"][key] = float(args[key])
     else:
         result["num_replicas"] = int(args.get("num_replicas", "1"))
     return result
