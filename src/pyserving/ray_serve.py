@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import sys
@@ -240,7 +241,8 @@ def deployment_options(args: Mapping[str, str]) -> dict[str, Any]:
 
 def app(args: Mapping[str, str]) -> Any:
     """Ray Serve's application builder: `serve run pyserving.ray_serve:app key=value...`."""
-    args = {key: str(value) for key, value in args.items()}
+    # A YAML config's `true` or `2` arrive as bool and int: written as the command line writes them.
+    args = {key: value if isinstance(value, str) else json.dumps(value) for key, value in args.items()}
     _options(args).validate()  # a bad flag fails here, in the driver, not in every replica
     argv = [f"--{key}={value}" for key, value in args.items() if key not in _DEPLOYMENT_KEYS]
     deployment: Any = PyServing  # serve.deployment made the class a Deployment
