@@ -6,7 +6,7 @@ load each for a fixed time; within each repeat the direct and the Ray rows take 
 Ray; the next repeat Ray first), and the median of the repeats is reported with Ray/direct ratios. Needs
 `pyserving[ray]`, wrk and h2load (bench/setup installs them).
 
-Usage: bench/ray_hop.py [--seconds 5] [--repeats 3] [--connections 16]
+Usage: bench/ray_hop.py [--seconds 5] [--repeats 3] [--connections 16] [--no-access-log]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pyserving.tools.example import export_half_plus_two
 BODY = b'{"instances": [[1.0]]}'
 
 
-def driver(temp_dir: str, http_port: int, grpc_port: int, base: str) -> None:
+def driver(temp_dir: str, http_port: int, grpc_port: int, base: str, access_log: bool) -> None:
     """The Ray side (run as a subprocess of this script): a cluster, Serve, the app; stops at stdin's end."""
     import ray
     from ray import serve
@@ -43,6 +43,7 @@ def driver(temp_dir: str, http_port: int, grpc_port: int, base: str) -> None:
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": ray_serve.GRPC_SERVICER_FUNCTIONS},
+        logging_config={"enable_access_log": access_log},
     )
     serve.run(ray_serve.app({"model_name": "m", "model_base_path": base}), name="pyserving", route_prefix="/")
     print("ready", flush=True)
@@ -56,17 +57,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--driver", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--no-access-log", action="store_true", help="turn off Ray's per-request access log")
+    parser.add_argument("--driver", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:
-        driver(args.driver[0], int(args.driver[1]), int(args.driver[2]), args.driver[3])
+        driver(args.driver[0], int(args.driver[1]), int(args.driver[2]), args.driver[3], args.driver[4] == "on")
         return
     work = Path(tempfile.mkdtemp(prefix="rayhop", dir="/tmp"))
     base = work / "m"
     export_half_plus_two(str(base))
     http_port, grpc_port = free_port(), free_port()
     ray_driver = subprocess.Popen(
-        [sys.executable, __file__, "--driver", str(work / "ray"), str(http_port), str(grpc_port), str(base)],
+        [sys.executable, __file__, "--driver", str(work / "ray"), str(http_port), str(grpc_port), str(base)]
+        + ["off" if args.no_access_log else "on"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

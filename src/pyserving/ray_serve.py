@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
+from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from pyserving import config_protos, flags
@@ -150,9 +151,7 @@ def _options(args: Mapping[str, str]) -> Any:
     return parsed.options
 
 
-@serve.deployment(name="pyserving", ray_actor_options={"num_cpus": 1})
-@serve.ingress()
-class PyServing:
+class _Replica:
     """One replica: pyserving's core and data plane, REST as the ASGI ingress, gRPC as methods."""
 
     # Ray awaits an async constructor (the type checker knows only sync ones).
@@ -205,6 +204,26 @@ class PyServing:
     RepositoryModelUnload = _rpc("inference", "RepositoryModelUnload")
 
 
+async def _unimplemented(self: Any, request: Any, grpc_context: RayServegRPCContext) -> Any:
+    """A method of the three services that pyserving does not serve: UNIMPLEMENTED, as its own gRPC port
+    answers (without it, Ray's proxy would answer INTERNAL for a method the deployment lacks)."""
+    grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    grpc_context.set_details("Method not found!")
+    raise _Aborted("Method not found!")
+
+
+for _service in (
+    prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"],
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
+    service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+):
+    for _method in _service.methods:
+        if not hasattr(_Replica, _method.name):
+            setattr(_Replica, _method.name, _unimplemented)
+
+PyServing = serve.deployment(name="pyserving", ray_actor_options={"num_cpus": 1})(serve.ingress()(_Replica))
+
+
 def _batch_capacity(options: Any) -> int:
     """How many requests a replica's batches can hold at once: `max_batch_size` for each batch thread,
     plus one batch filling while they run."""
@@ -245,5 +264,4 @@ def app(args: Mapping[str, str]) -> Any:
     args = {key: value if isinstance(value, str) else json.dumps(value) for key, value in args.items()}
     _options(args).validate()  # a bad flag fails here, in the driver, not in every replica
     argv = [f"--{key}={value}" for key, value in args.items() if key not in _DEPLOYMENT_KEYS]
-    deployment: Any = PyServing  # serve.deployment made the class a Deployment
-    return deployment.options(**deployment_options(args)).bind(argv)
+    return PyServing.options(**deployment_options(args)).bind(argv)
