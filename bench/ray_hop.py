@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def main() -> None:
             os.killpg(ray_driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        shutil.rmtree(work, ignore_errors=True)
     medians = {name: median_point(points) for name, points in runs.items()}
     print(f"{args.connections} connections, {args.repeats} x {args.seconds:g} s, medians (errors summed)")
     print(f"{'row':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
