@@ -51,7 +51,7 @@ from pyserving.serving import DataPlane, ModelSpec, Target
 from pyserving.transports import grpc as grpc_transport
 from pyserving.transports import http
 
-__all__ = ["run"]
+__all__ = ["Server", "Servicers", "build", "grpc_servicers", "rest_router", "run"]
 
 log = logging.getLogger("pyserving")
 
@@ -61,7 +61,7 @@ _BATCHING_REQUEST_THREADS = 128
 
 
 @dataclass
-class _Server:
+class Server:
     """Everything `run` builds before the listeners open."""
 
     options: Options
@@ -73,7 +73,7 @@ class _Server:
     metrics_path: str | None
 
 
-def _build(options: Options) -> _Server:
+def _build(options: Options) -> Server:
     """The loader chain, the core and the data plane; `ServingError` if a config file is bad."""
     options.validate()
     tracing.setup(options.enable_tracing)
@@ -108,7 +108,56 @@ def _build(options: Options) -> _Server:
             warmup.replay(spec.path, Target(spec.model, spec.version, servable), dataplane, iterations)
 
         loader.warmup = replay_warmup
-    return _Server(options, core, dataplane, batcher, tls, tls_context, metrics_path)
+    return Server(options, core, dataplane, batcher, tls, tls_context, metrics_path)
+
+
+def build(options: Options) -> Server:
+    """Everything but the listeners, with the initial models loaded (or `ServingError`): what `run` serves,
+    and what an engine that brings its own listeners (`pyserving.ray_serve`) mounts."""
+    server = _build(options)
+    server.core.start(server.core.initial_configs())
+    return server
+
+
+@dataclass
+class Servicers:
+    """The gRPC servicers over one data plane: TF Serving's two services and the Open Inference Protocol's."""
+
+    prediction: grpc_api.PredictionService
+    model: grpc_api.ModelService
+    inference: v2_grpc.InferenceService
+
+
+def grpc_servicers(server: Server) -> Servicers:
+    options = server.options
+    pool = worker_pool(_request_threads(options.grpc_max_threads, options), "grpc")
+    return Servicers(
+        grpc_api.PredictionService(server.dataplane, pool, options.enable_serialization_as_tensor_content),
+        grpc_api.ModelService(server.dataplane, pool, server.core.reload_proto),
+        v2_grpc.InferenceService(Inference(server.dataplane, server.core, pool)),
+    )
+
+
+def rest_router(server: Server) -> http.Router:
+    """The REST port's ASGI app: TF Serving's /v1, the V2 /v2, health, readiness, OpenAPI, metrics."""
+    options = server.options
+    router = http.Router(not_found=rest_api.NOT_FOUND_RESPONSE)
+    router.route(operations.HEALTHZ, operations.liveness, methods=["GET"])
+    router.route(operations.READYZ, operations.readiness(server.core.readiness), methods=["GET"])
+    router.route(operations.OPENAPI, operations.openapi, methods=["GET"])
+    if server.metrics_path is not None:
+        # One thread: scrapes queue behind each other instead of rendering side by side.
+        router.route(server.metrics_path, operations.metrics_app(worker_pool(1, "metrics")))
+    pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
+    settings = rest_api.RestSettings(
+        options.rest_api_timeout_in_ms,
+        options.rest_api_enable_cors_support,
+        options.rest_api_max_body_bytes,
+    )
+    router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings), ignore_case=True)
+    v2_settings = v2_rest.V2Settings(options.rest_api_timeout_in_ms, options.rest_api_max_body_bytes)
+    router.mount(v2_rest.PREFIX, v2_rest.V2RestApi(Inference(server.dataplane, server.core, pool), pool, v2_settings))
+    return router
 
 
 def _batcher(options: Options) -> Batcher | None:
@@ -176,8 +225,7 @@ def run(options: Options) -> int:
     # cast. The warning is noise for a server, and an np.errstate around each cast cost a microsecond.
     warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
     try:
-        server = _build(options)
-        server.core.start(server.core.initial_configs())
+        server = build(options)
     except ServingError as exc:
         print(f"Failed to start server. Error: {exc}", flush=True)
         return 255
@@ -197,7 +245,7 @@ def run(options: Options) -> int:
     return 0
 
 
-async def _serve(server: _Server) -> None:
+async def _serve(server: Server) -> None:
     options, core = server.options, server.core
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -239,7 +287,7 @@ async def _serve(server: _Server) -> None:
     log.info("Server stopped")
 
 
-def _on_sighup(server: _Server) -> None:
+def _on_sighup(server: Server) -> None:
     if not server.options.model_config_file:
         log.info("SIGHUP ignored: there is no --model_config_file to reload")
         return
@@ -263,16 +311,10 @@ async def _watch_loop_lag() -> None:
             worst, window_start = 0.0, now
 
 
-async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.GrpcHealth | None]:
+async def _start_grpc(server: Server) -> tuple[grpc.aio.Server, operations.GrpcHealth | None]:
     options = server.options
-    pool = worker_pool(_request_threads(options.grpc_max_threads, options), "grpc")
-    services = grpc_api.services(
-        server.dataplane,
-        pool,
-        options.enable_serialization_as_tensor_content,
-        server.core.reload_proto,
-    )
-    services += v2_grpc.services(Inference(server.dataplane, server.core, pool))
+    servicers = grpc_servicers(server)
+    services = grpc_api.services(servicers.prediction, servicers.model) + v2_grpc.services(servicers.inference)
     health = None
     if options.enable_grpc_healthcheck_service:
         health = operations.GrpcHealth()
@@ -307,7 +349,7 @@ async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.Grpc
     return grpc_server, health
 
 
-async def _start_rest(server: _Server) -> http.Listener | None:
+async def _start_rest(server: Server) -> http.Listener | None:
     """The HTTP listener with every HTTP protocol mounted; None (logged) if it cannot start, as TF Serving."""
     options = server.options
     if options.rest_api_port == options.port:
@@ -316,22 +358,7 @@ async def _start_rest(server: _Server) -> http.Listener | None:
             "HTTP/REST API. Skipped exporting HTTP/REST API."
         )
         return None
-    router = http.Router(not_found=rest_api.NOT_FOUND_RESPONSE)
-    router.route(operations.HEALTHZ, operations.liveness, methods=["GET"])
-    router.route(operations.READYZ, operations.readiness(server.core.readiness), methods=["GET"])
-    router.route(operations.OPENAPI, operations.openapi, methods=["GET"])
-    if server.metrics_path is not None:
-        # One thread: scrapes queue behind each other instead of rendering side by side.
-        router.route(server.metrics_path, operations.metrics_app(worker_pool(1, "metrics")))
-    pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
-    settings = rest_api.RestSettings(
-        options.rest_api_timeout_in_ms,
-        options.rest_api_enable_cors_support,
-        options.rest_api_max_body_bytes,
-    )
-    router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings), ignore_case=True)
-    v2_settings = v2_rest.V2Settings(options.rest_api_timeout_in_ms, options.rest_api_max_body_bytes)
-    router.mount(v2_rest.PREFIX, v2_rest.V2RestApi(Inference(server.dataplane, server.core, pool), pool, v2_settings))
+    router = rest_router(server)
     try:
         rest_server = await http.start(
             router,

@@ -271,16 +271,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto())
 
 
-def services(
-    dataplane: DataPlane,
-    pool: ThreadPoolExecutor,
-    tensor_content: bool,
-    reload_config: Callable[[model_server_config_pb2.ModelServerConfig], None],
-) -> list[Service]:
+def services(prediction: PredictionService, model: ModelService) -> list[Service]:
     """PredictionService and ModelService, to mount on the gRPC transport."""
-    prediction = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
-    model = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
     return [
-        unary_service(PredictionService(dataplane, pool, tensor_content), prediction),
-        unary_service(ModelService(dataplane, pool, reload_config), model),
+        unary_service(prediction, prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]),
+        unary_service(model, model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]),
     ]

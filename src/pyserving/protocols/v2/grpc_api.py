@@ -49,8 +49,8 @@ _CONTENTS = {
 }
 
 
-def services(inference: Inference) -> list[Service]:
-    return [unary_service(InferenceService(inference), service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])]
+def services(servicer: InferenceService) -> list[Service]:
+    return [unary_service(servicer, service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])]
 
 
 async def _answer(work: Awaitable[T], context: grpc.aio.ServicerContext, what: str) -> T:
