@@ -7,6 +7,10 @@ Serving's exporter (util/prometheus_exporter.cc) writes for cumulative metrics.
 Histograms are regular Prometheus histograms. Process metrics (CPU, memory, file
 descriptors) come from prometheus-client's ProcessCollector.
 
+pyserving's own series, under `:pyserving:` (the autoscaling signals, docs/DEPLOY.md): the event loop's
+lag, requests in flight and batch queue depth per model (gauges read from their sources when scraped), and
+the time calls wait in batch queues per model.
+
 Rendering walks every series: `exposition` runs on a worker thread, never on the
 event loop. Label values that come from requests are bounded by the callers (a
 model that is not served counts under `UNKNOWN_MODEL`).
