@@ -274,3 +274,14 @@ def test_a_metrics_path_that_collides_or_is_no_path_fails_start_up(path, message
         _paths(f"--metrics_path={path}")
     assert info.value.code == Code.INVALID_ARGUMENT
     assert info.value.message.startswith(message)
+
+
+def test_the_metrics_path_flag_is_off_by_default_and_listed():
+    assert flags.Options().metrics_path == ""
+    assert flags.parse(["--metrics_path=/metrics"]).options.metrics_path == "/metrics"
+    assert (
+        "\t"
+        + '--metrics_path=""'.ljust(33)
+        + "\tstring\tpyserving: also serve the Prometheus metrics on the REST port "
+        "at this path, e.g. /metrics, with or without --monitoring_config_file (empty: off; not under /v1 or /v2)"
+    ) in flags.usage().splitlines()
