@@ -136,6 +136,12 @@ class Options:
     )
     # Monitoring and profiling
     monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig")
+    metrics_path: str = _flag(
+        "",
+        "string",
+        "pyserving: also serve the Prometheus metrics on the REST port at this path, e.g. /metrics, with or "
+        "without --monitoring_config_file (empty: off; not under /v1 or /v2)",
+    )
     enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service")
     # Security
     ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS")

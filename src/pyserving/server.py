@@ -20,6 +20,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import signal
 import ssl
 import time
@@ -70,7 +71,7 @@ class Server:
     batcher: Batcher | None
     tls: Any  # an SSLConfig message, or None
     tls_context: ssl.SSLContext | None  # the same certificates for REST (built once, when they are checked)
-    metrics_path: str | None
+    metrics_paths: list[str]  # where REST serves the Prometheus metrics (none: not exported)
 
 
 def _build(options: Options) -> Server:
@@ -78,7 +79,7 @@ def _build(options: Options) -> Server:
     options.validate()
     tracing.setup(options.enable_tracing)
     custom_ops.load(options.custom_op_library_list(), options.custom_op_module_list())
-    metrics_path, (tls, tls_context) = _monitoring(options), _tls(options)
+    metrics_paths, (tls, tls_context) = _metrics_paths(options), _tls(options)
     intra, inter = options.parallelism()
     batcher = _batcher(options)
     processing = _processing(options)
@@ -108,7 +109,8 @@ def _build(options: Options) -> Server:
             warmup.replay(spec.path, Target(spec.model, spec.version, servable), dataplane, iterations)
 
         loader.warmup = replay_warmup
-    return Server(options, core, dataplane, batcher, tls, tls_context, metrics_path)
+    metrics.REQUESTS_IN_FLIGHT.add_source(core.manager.leases_by_model)
+    return Server(options, core, dataplane, batcher, tls, tls_context, metrics_paths)
 
 
 def build(options: Options) -> Server:
@@ -145,9 +147,11 @@ def rest_router(server: Server) -> http.Router:
     router.route(operations.HEALTHZ, operations.liveness, methods=["GET"])
     router.route(operations.READYZ, operations.readiness(server.core.readiness), methods=["GET"])
     router.route(operations.OPENAPI, operations.openapi, methods=["GET"])
-    if server.metrics_path is not None:
+    if server.metrics_paths:
         # One thread: scrapes queue behind each other instead of rendering side by side.
-        router.route(server.metrics_path, operations.metrics_app(worker_pool(1, "metrics")))
+        scrape = operations.metrics_app(worker_pool(1, "metrics"))
+        for path in server.metrics_paths:
+            router.route(path, scrape)
     pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
     settings = rest_api.RestSettings(
         options.rest_api_timeout_in_ms,
@@ -190,6 +194,41 @@ def _monitoring(options: Options) -> str | None:
     if not config.prometheus_config.enable:
         return None
     return config.prometheus_config.path or metrics.DEFAULT_PATH
+
+
+# --metrics_path: a URL path without a query; and the paths it may not take (the REST APIs' prefixes, any
+# case, and the operations routes).
+_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+_API_PREFIXES = ("/v1", "/v2")
+
+
+def _metrics_paths(options: Options) -> list[str]:
+    """The REST paths of the Prometheus metrics: `--monitoring_config_file`'s and `--metrics_path`
+    (one route when they are the same); `ServingError` naming the problem for a `--metrics_path` that
+    is not a path or collides with a served route."""
+    paths = [path for path in [_monitoring(options)] if path is not None]
+    path = options.metrics_path
+    if not path:
+        return paths
+    if not _PATH.fullmatch(path):
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"--metrics_path={path} is not a URL path: it must start with / and hold only letters, digits "
+            "and -._~!$&'()*+,;=:@%/ (no query)",
+        )
+    lowered = path.lower()
+    prefix = next((prefix for prefix in _API_PREFIXES if lowered.startswith(prefix)), None)
+    if prefix is not None:
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"--metrics_path={path} collides with the REST API's {prefix} paths; choose another path, e.g. /metrics",
+        )
+    if path in (operations.HEALTHZ, operations.READYZ, operations.OPENAPI):
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"--metrics_path={path} collides with the {path} route; choose another path, e.g. /metrics",
+        )
+    return paths if path in paths else [*paths, path]
 
 
 def _tls(options: Options) -> tuple[Any, ssl.SSLContext | None]:

@@ -175,11 +175,13 @@ class BatchedServable:
     Python processing functions, which run on their own pool: `inner.run_async`).
     """
 
-    def __init__(self, inner: Servable, batcher: Batcher, options: BatchingOptions) -> None:
+    def __init__(self, inner: Servable, batcher: Batcher, options: BatchingOptions, model_name: str = "") -> None:
         options.validate()
         self.inner = inner
         self.options = options
+        self.model_name = model_name  # the model_name label of its queue metrics
         self._batcher = batcher
+        batcher.add_model(model_name)
         self._unbatched: frozenset[str] = getattr(inner, "unbatched_signatures", frozenset())
 
     @property
@@ -246,6 +248,8 @@ class Batcher:
         self._order: collections.deque[tuple] = collections.deque()
         self._changed = threading.Condition()
         self._stopping = False
+        self._models: set[str] = set()  # the models it batches: their queue depth shows 0 when empty
+        metrics.BATCH_QUEUE_DEPTH.add_source(self.queue_depths)
         self._threads = [
             threading.Thread(target=self._work, name=f"{options.thread_pool_name}-{i}", daemon=True)
             for i in range(options.num_batch_threads)
@@ -253,9 +257,27 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def wrap(self, servable: Servable, options: BatchingOptions | None = None) -> BatchedServable:
-        """`servable` batched on this scheduler, with its own parameters if given (per-model batching)."""
-        return BatchedServable(servable, self, options or self.options)
+    def wrap(self, servable: Servable, options: BatchingOptions | None = None, model_name: str = "") -> BatchedServable:
+        """`servable` (of model `model_name`) batched on this scheduler, with its own parameters if given
+        (per-model batching)."""
+        return BatchedServable(servable, self, options or self.options, model_name)
+
+    def add_model(self, name: str) -> None:
+        """Report `name`'s queue depth from now on, 0 while nothing is queued (a gauge that vanished would
+        leave autoscalers without a value)."""
+        if name:
+            with self._changed:
+                self._models.add(name)
+
+    def queue_depths(self) -> dict[tuple[str, ...], float]:
+        """Rows queued now per model, as `(model_name,)` -> rows (read when metrics are scraped). A call
+        cancelled while queued counts until a batch thread reaches it and drops it."""
+        with self._changed:
+            depths: dict[tuple[str, ...], float] = dict.fromkeys(((name,) for name in self._models), 0.0)
+            for queue in self._queues.values():
+                label = (queue.servable.model_name,)
+                depths[label] = depths.get(label, 0.0) + queue.rows
+        return depths
 
     def submit(
         self,
@@ -340,6 +362,9 @@ class Batcher:
         started = time.monotonic()
         for task in batch:
             metrics.BATCH_QUEUING_LATENCY.observe(options.thread_pool_name, value=(started - task.enqueued) * 1e6)
+        metrics.BATCH_QUEUE_SECONDS.observe_many(
+            queue.servable.model_name, values=[started - task.enqueued for task in batch]
+        )
         rows = sum(task.rows for task in batch)
         size = rows
         if options.allowed_batch_sizes:
