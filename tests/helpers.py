@@ -40,6 +40,13 @@ from tensorflow_serving.apis import (
 )
 
 START_TIMEOUT_S = 90
+# PYSERVING_TEST_NUM_WORKERS=N runs every test's server with --num_workers=N (docs/WORKERS.md); a test that
+# passes its own --num_workers wins (the last repeat of a flag does).
+_NUM_WORKERS = (
+    [f"--num_workers={os.environ['PYSERVING_TEST_NUM_WORKERS']}"]
+    if os.environ.get("PYSERVING_TEST_NUM_WORKERS")
+    else []
+)
 # What the server logs while it waits for a base path that does not exist (TF Serving waits too).
 _MISSING_MODEL = "Could not find base path"
 
@@ -99,6 +106,7 @@ class Server:
             f"--rest_api_port={rest_port}",
             # Tests stop servers at once; the drain delay has tests of its own (which pass the flag again).
             "--shutdown_delay_seconds=0",
+            *_NUM_WORKERS,
             *args,
         ]
         log = open(log_path, "wb")

@@ -362,6 +362,12 @@ class ModelManager:
         with self._lock:
             return name in self._models
 
+    def notify_change(self) -> None:
+        """Call `on_change` for a change the manager cannot see (the core's model config)."""
+        with self._lock:
+            if self.on_change is not None:
+                self.on_change()
+
     def names(self) -> list[str]:
         """Every model `knows` answers true for, sorted."""
         with self._lock:

@@ -39,8 +39,6 @@ __all__ = ["RemoteCore", "RemoteDataPlane", "serve"]
 
 log = logging.getLogger("pyserving")
 
-# How often a worker refreshes its copy of the model process's readiness (/readyz never waits on a call).
-_READINESS_PERIOD_S = 0.1
 # A call the event loop makes (a resolve miss) fails rather than stall the loop longer than this.
 _LOOP_CALL_TIMEOUT_S = 10.0
 _GONE = "The model process is not available"
@@ -64,15 +62,10 @@ def serve(options: Options, run_dir: str, index: int) -> int:
         channel = await _AsyncChannel.open(run_dir, index)
         dataplane = RemoteDataPlane(options, channel, run_dir)
         core = RemoteCore(options, dataplane, channel)
-        await core.refresh()
-        refresher = asyncio.create_task(core.keep_fresh())
         built = server.Server(
             options, core, dataplane, None, tls, tls_context, paths, reuse_port=True, exposition=dataplane.scrape
         )
-        try:
-            await server._serve(built)
-        finally:
-            refresher.cancel()
+        await server._serve(built)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
@@ -226,11 +219,12 @@ class RemoteDataPlane(DataPlane):
         self._targets: dict[tuple[str, int | None, str | None], tuple[int, str, _Signatures]] = {}
         self._signatures: dict[tuple[str, int], _Signatures] = {}
         self._known: frozenset[str] | None = None
+        self._ready: tuple[bool, dict[str, str]] | None = None
 
     def _fresh(self) -> None:
         generation = self._generation.read()
         if generation != self._seen:
-            self._targets, self._signatures, self._known = {}, {}, None
+            self._targets, self._signatures, self._known, self._ready = {}, {}, None, None
             self._seen = generation
 
     def resolve(self, spec: ModelSpec) -> Target:
@@ -246,6 +240,17 @@ class RemoteDataPlane(DataPlane):
             entry = self._targets[key] = (version, platform, signatures)
         version, platform, signatures = entry
         return Target(spec.name, version, _servable(signatures), None, platform)
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        self._fresh()
+        ready = self._ready
+        if ready is None:
+            try:
+                answer = self._blocking.call("readiness")
+            except ServingError:  # the model process is gone: not ready (the supervisor stops the server)
+                return False, {}
+            ready = self._ready = (answer[0], dict(answer[1]))
+        return ready[0], dict(ready[1])
 
     def knows(self, name: str) -> bool:
         self._fresh()
@@ -332,24 +337,13 @@ class RemoteCore(ServerCore):
         self._dataplane = dataplane
         self._channel = channel
         self.draining = False
-        self._ready: tuple[bool, dict[str, str]] = (False, {})
         self.config_file = None
 
-    async def refresh(self) -> None:
-        try:
-            ready, models = await self._channel.call("readiness")
-        except ServingError:
-            ready, models = False, {}
-        self._ready = (ready, models)
-
-    async def keep_fresh(self) -> None:
-        while True:
-            await asyncio.sleep(_READINESS_PERIOD_S)
-            await self.refresh()
-
     def readiness(self) -> tuple[bool, dict[str, str]]:
-        ready, models = self._ready
-        return ready and not self.draining, dict(models)
+        """The model process's readiness (asked again only once the generation changed) and this worker's
+        own draining."""
+        ready, models = self._dataplane.readiness()
+        return ready and not self.draining, models
 
     def reload_proto(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         self._dataplane.call("reload_proto", config.SerializeToString())
