@@ -304,6 +304,19 @@ def get_counter(server, name: str) -> float:
     return tf.make_ndarray(response.outputs["output"])
 
 
+def model_pid(server) -> int:
+    """The process holding the models: the server's, or with `--num_workers` its model process."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == server.proc.pid and b"pyserving.workers\0model" in cmdline:
+                return int(entry.name)
+    return server.proc.pid
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -109,7 +109,7 @@ class _ModelProcess:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         worker: int | None = None
-        tasks: set[asyncio.Task[None]] = set()
+        tasks: dict[int, asyncio.Task[None]] = {}  # this connection's calls in progress, by id
         try:
             while True:
                 frame = await wire.read_frame(reader)
@@ -126,10 +126,17 @@ class _ModelProcess:
                     self._workers[worker] = writer
                     writer.writelines(wire.encode((wire.REPLY, call_id, None), self._run_dir))
                     continue
+                if method == "cancel":  # the worker's caller went away: as in one process, so does the call
+                    running = tasks.get(args[0])
+                    if running is not None:
+                        running.cancel()
+                    continue
                 task = asyncio.create_task(self._answer(writer, call_id, method, args))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                tasks[call_id] = task
+                task.add_done_callback(lambda _, call_id=call_id: tasks.pop(call_id, None))
         finally:
+            for running in list(tasks.values()):  # the worker is gone: nobody waits for these any more
+                running.cancel()
             if worker is not None and self._workers.get(worker) is writer:
                 del self._workers[worker]
             writer.close()

@@ -112,7 +112,12 @@ class _AsyncChannel:
                 _ENCODE_POOL, size, wire.encode, (wire.REQUEST, call_id, method, args), self._run_dir
             )
             self._writer.writelines(parts)
-            kind, result = await future
+            try:
+                kind, result = await future
+            except asyncio.CancelledError:  # the client went away or its deadline passed: so does the call
+                if not self._closed:
+                    self._writer.writelines(wire.encode((wire.REQUEST, 0, "cancel", (call_id,)), self._run_dir))
+                raise
         finally:
             self._pending.pop(call_id, None)
         if kind == wire.ERROR:
