@@ -10,6 +10,7 @@ and renders them with its own, once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -133,7 +134,7 @@ class _ModelProcess:
                     continue
                 task = asyncio.create_task(self._answer(writer, call_id, method, args))
                 tasks[call_id] = task
-                task.add_done_callback(lambda _, call_id=call_id: tasks.pop(call_id, None))
+                task.add_done_callback(functools.partial(_forget, tasks, call_id))
         finally:
             for running in list(tasks.values()):  # the worker is gone: nobody waits for these any more
                 running.cancel()
@@ -223,6 +224,10 @@ class _ModelProcess:
             if state is not None:
                 states.append(state)
         return await run_sync(self._pool, metrics.exposition, states)
+
+
+def _forget(tasks: dict[int, asyncio.Task[None]], call_id: int, _: asyncio.Task[None]) -> None:
+    tasks.pop(call_id, None)
 
 
 def _unpack(message_: Any) -> tuple[int, int, str, Any]:
