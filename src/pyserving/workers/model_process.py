@@ -68,7 +68,7 @@ class _ModelProcess:
         self._pool = worker_pool(threads, "model-calls")
         self._generation = wire.Generation(os.path.join(run_dir, GENERATION_FILE), create=True)
         self._core.manager.on_change = self._generation.bump
-        self._workers: dict[int, asyncio.StreamWriter] = {}  # worker index -> its async connection
+        self._workers: dict[int, wire.Sender] = {}  # worker index -> its async connection
         self._pending: dict[int, asyncio.Future[Any]] = {}  # reverse calls (metrics) awaiting a reply
         self._next_id = 0
         self._sync: dict[str, Callable[..., Any]] = {
@@ -110,6 +110,7 @@ class _ModelProcess:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         worker: int | None = None
+        sender = wire.Sender(writer)
         tasks: dict[int, asyncio.Task[None]] = {}  # this connection's calls in progress, by id
         try:
             while True:
@@ -124,25 +125,27 @@ class _ModelProcess:
                     continue
                 if method == "hello":  # the worker's async connection: metrics calls go to it
                     worker = args[0]
-                    self._workers[worker] = writer
-                    writer.writelines(wire.encode((wire.REPLY, call_id, None), self._run_dir))
+                    self._workers[worker] = sender
+                    sender.send(wire.encode((wire.REPLY, call_id, None), self._run_dir))
                     continue
                 if method == "cancel":  # the worker's caller went away: as in one process, so does the call
                     running = tasks.get(args[0])
                     if running is not None:
                         running.cancel()
                     continue
-                task = asyncio.create_task(self._answer(writer, call_id, method, args))
+                task = asyncio.create_task(self._answer(sender, writer, call_id, method, args))
                 tasks[call_id] = task
                 task.add_done_callback(functools.partial(_forget, tasks, call_id))
         finally:
             for running in list(tasks.values()):  # the worker is gone: nobody waits for these any more
                 running.cancel()
-            if worker is not None and self._workers.get(worker) is writer:
+            if worker is not None and self._workers.get(worker) is sender:
                 del self._workers[worker]
             writer.close()
 
-    async def _answer(self, writer: asyncio.StreamWriter, call_id: int, method: str, args: tuple[Any, ...]) -> None:
+    async def _answer(
+        self, sender: wire.Sender, writer: asyncio.StreamWriter, call_id: int, method: str, args: tuple[Any, ...]
+    ) -> None:
         try:
             if method == "predict":
                 result: Any = await self._predict(*args)
@@ -162,7 +165,7 @@ class _ModelProcess:
         if writer.is_closing():
             return
         size = _result_bytes(reply[2]) if method == "predict" else 0
-        writer.writelines(await run_sized(self._pool, size, wire.encode, reply, self._run_dir))
+        sender.send(await run_sized(self._pool, size, wire.encode, reply, self._run_dir))
 
     def _resolve(self, name: str, version: int | None, label: str | None) -> tuple[int, str, dict[str, bytes]]:
         with self._dataplane.resolve(ModelSpec(name, version, label)) as target:
@@ -208,11 +211,11 @@ class _ModelProcess:
         """Every worker's request metrics added to this process's, rendered once."""
         loop = asyncio.get_running_loop()
         waits = []
-        for writer in list(self._workers.values()):
+        for sender in list(self._workers.values()):
             self._next_id += 1
             future: asyncio.Future[Any] = loop.create_future()
             self._pending[self._next_id] = future
-            writer.writelines(wire.encode((wire.REQUEST, self._next_id, "metric_state", ()), self._run_dir))
+            sender.send(wire.encode((wire.REQUEST, self._next_id, "metric_state", ()), self._run_dir))
             waits.append((self._next_id, future))
         states = []
         for call_id, future in waits:

@@ -30,6 +30,7 @@ __all__ = [
     "SHM_THRESHOLD",
     "BlockingChannel",
     "Generation",
+    "Sender",
     "decode",
     "encode",
     "error_reply",
@@ -45,6 +46,7 @@ _HEADER = struct.Struct("<IIH")
 _BUFFER = struct.Struct("<BQ")
 _INLINE, _SHARED = 0, 1
 _ALIGN = 64
+_JOIN_BYTES = 64 * 1024  # frames up to this much inline data go out as one buffer (copying is cheaper)
 _names = itertools.count()
 
 
@@ -63,7 +65,10 @@ def encode(message: Any, shm_dir: str) -> list[bytes | memoryview]:
             inline.append(view)
     name = _write_shared(shared, shm_dir).encode() if shared else b""
     body = _HEADER.pack(len(payload), len(views), len(name)) + b"".join(layout) + name
-    size = len(body) + len(payload) + sum(view.nbytes for view in inline)
+    inline_size = sum(view.nbytes for view in inline)
+    size = len(body) + len(payload) + inline_size
+    if inline_size <= _JOIN_BYTES:  # one write call: a transport writes each part of a list by itself
+        return [b"".join([_LENGTH.pack(size), body, payload, *inline])]
     return [_LENGTH.pack(size), body, payload, *inline]
 
 
@@ -151,6 +156,31 @@ def error_reply(call_id: int, exc: BaseException) -> tuple[int, int, tuple[int, 
 def raise_error(detail: tuple[int, str]) -> None:
     code, message = detail
     raise ServingError(Code(code), message)
+
+
+class Sender:
+    """Frames for one connection, written once per event-loop iteration: the calls (or replies) of one
+    iteration leave in one write, and the other end reads them in one wake-up."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._parts: list[bytes | memoryview] = []
+
+    def send(self, parts: list[bytes | memoryview]) -> None:
+        if not self._parts:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._parts.extend(parts)
+
+    def _flush(self) -> None:
+        parts, self._parts = self._parts, []
+        if self._writer.is_closing():
+            return
+        if len(parts) == 1:
+            self._writer.write(parts[0])
+        elif sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts) <= _JOIN_BYTES:
+            self._writer.write(b"".join(parts))
+        else:
+            self._writer.writelines(parts)
 
 
 class BlockingChannel:

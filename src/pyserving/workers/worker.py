@@ -83,6 +83,7 @@ class _AsyncChannel:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, run_dir: str) -> None:
         self._reader, self._writer, self._run_dir = reader, writer, run_dir
+        self._sender = wire.Sender(writer)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
         self._closed = False
@@ -111,12 +112,12 @@ class _AsyncChannel:
             parts = await run_sized(
                 _ENCODE_POOL, size, wire.encode, (wire.REQUEST, call_id, method, args), self._run_dir
             )
-            self._writer.writelines(parts)
+            self._sender.send(parts)
             try:
                 kind, result = await future
             except asyncio.CancelledError:  # the client went away or its deadline passed: so does the call
                 if not self._closed:
-                    self._writer.writelines(wire.encode((wire.REQUEST, 0, "cancel", (call_id,)), self._run_dir))
+                    self._sender.send(wire.encode((wire.REQUEST, 0, "cancel", (call_id,)), self._run_dir))
                 raise
         finally:
             self._pending.pop(call_id, None)
@@ -133,7 +134,7 @@ class _AsyncChannel:
                 message = wire.decode(frame, self._run_dir)
                 if message[0] == wire.REQUEST:  # the model process gathering a scrape
                     reply = (wire.REPLY, message[1], metrics.state())
-                    self._writer.writelines(wire.encode(reply, self._run_dir))
+                    self._sender.send(wire.encode(reply, self._run_dir))
                     continue
                 kind, call_id, result = message
                 future = self._pending.get(call_id)
