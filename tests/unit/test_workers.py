@@ -111,3 +111,22 @@ def test_bad_num_workers_values_name_the_flag(text):
         flags.Options(num_workers=text).worker_count()
     assert raised.value.code == Code.INVALID_ARGUMENT
     assert raised.value.message == f"--num_workers={text} must be auto or a whole number from 1 to 1024"
+
+
+def test_every_numeric_dtype_and_layout_comes_back_exactly(tmp_path):
+    arrays = {
+        "bool": np.array([True, False]),
+        "int8": np.array([-3, 4], dtype=np.int8),
+        "uint64": np.array([2**64 - 1], dtype=np.uint64),
+        "half": np.array([[0.5, -1.0]], dtype=np.float16),
+        "big_endian": np.array([1.5, 2.5], dtype=">f8"),
+        "complex": np.array([1 + 2j], dtype=np.complex64),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+        "scalar": np.array(7, dtype=np.int32),
+        "transposed": np.arange(6, dtype=np.int32).reshape(2, 3).T,  # not C-contiguous: numpy's own reduction
+        "datetime": np.array(["2024-01-02"], dtype="datetime64[D]"),
+    }
+    back = _roundtrip(arrays, tmp_path)
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape, name
+        np.testing.assert_array_equal(back[name], array)

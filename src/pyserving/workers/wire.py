@@ -11,6 +11,7 @@ nothing a client sent is ever unpickled here (the protocol codecs decoded it int
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import mmap
 import os
@@ -53,7 +54,9 @@ _names = itertools.count()
 def encode(message: Any, shm_dir: str) -> list[bytes | memoryview]:
     """`message` as one frame's parts (for `writelines`/`sendmsg`); big buffers written to a file in `shm_dir`."""
     buffers: list[pickle.PickleBuffer] = []
-    payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(message)
+    payload = stream.getvalue()
     views = [buffer.raw() for buffer in buffers]
     layout, inline, shared = [], [], []
     for view in views:
@@ -70,6 +73,24 @@ def encode(message: Any, shm_dir: str) -> list[bytes | memoryview]:
     if inline_size <= _JOIN_BYTES:  # one write call: a transport writes each part of a list by itself
         return [b"".join([_LENGTH.pack(size), body, payload, *inline])]
     return [_LENGTH.pack(size), body, payload, *inline]
+
+
+class _Pickler(pickle.Pickler):
+    """Numeric arrays as (dtype, shape, buffer): numpy's own reduction pickles the dtype object, several
+    times slower for the small arrays of a typical request."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and obj.dtype.kind in _NUMERIC_KINDS and obj.flags.c_contiguous:
+            array: Any = obj
+            return _array, (obj.dtype.str, obj.shape, pickle.PickleBuffer(array))
+        return NotImplemented
+
+
+_NUMERIC_KINDS = frozenset("biufc")  # (datetimes have no buffer interface: numpy's reduction pickles them)
+
+
+def _array(dtype: str, shape: tuple[int, ...], buffer: Any) -> np.ndarray:
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def _write_shared(views: list[memoryview], shm_dir: str) -> str:
