@@ -304,17 +304,32 @@ def get_counter(server, name: str) -> float:
     return tf.make_ndarray(response.outputs["output"])
 
 
-def model_pid(server) -> int:
-    """The process holding the models: the server's, or with `--num_workers` its model process."""
+def _children(pid: int) -> dict[int, bytes]:
+    """`pid`'s children: pid -> command line."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == server.proc.pid and b"pyserving.workers\0model" in cmdline:
-                return int(entry.name)
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+def model_pid(server) -> int:
+    """The process holding the models: the server's, or with `--num_workers` its model process."""
+    for pid, cmdline in _children(server.proc.pid).items():
+        if b"pyserving.workers\0model" in cmdline:
+            return pid
     return server.proc.pid
+
+
+def server_rss_mib(server) -> float:
+    """The server's RSS: with `--num_workers`, its processes' together (supervisor, model process, workers)."""
+    children = [pid for pid, cmdline in _children(server.proc.pid).items() if b"pyserving.workers" in cmdline]
+    return rss_mib(server.proc.pid) + sum(rss_mib(pid) for pid in children)
 
 
 def rss_mib(pid: int) -> float:
