@@ -26,7 +26,7 @@ import ssl
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -77,6 +77,7 @@ class Server:
     # the merged metrics.
     reuse_port: bool = False
     exposition: Callable[[], bytes] = metrics.exposition
+    grpc_services: list[grpc_transport.Service] = field(default_factory=list)  # mounted after the others
 
 
 def _build(options: Options) -> Server:
@@ -364,6 +365,7 @@ async def _start_grpc(server: Server) -> tuple[grpc.aio.Server, operations.GrpcH
         health = operations.GrpcHealth()
         await health.start()
         services.append(health.service)
+    services.extend(server.grpc_services)
     if options.enable_profiler:
         from pyserving.protocols import profiler  # TensorFlow's profiler, which a protocol worker never loads
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import sys
 import types
@@ -27,11 +26,6 @@ def main() -> int:
     index = int(sys.argv[2])
     cli.configure_logging(f"pyserving worker {index}")
     cli.configure_tensorflow()
-    if options.enable_profiler:
-        # It traces TensorFlow in the process it runs in, and no worker runs TensorFlow (docs/WORKERS.md).
-        if index == 0:
-            logging.getLogger("pyserving").warning("The profiler service is not offered with --num_workers > 1")
-        options.enable_profiler = False
     _protos_only_tensorflow()
     from pyserving.workers import worker
 

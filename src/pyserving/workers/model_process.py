@@ -71,6 +71,7 @@ class _ModelProcess:
         self._workers: dict[int, wire.Sender] = {}  # worker index -> its async connection
         self._pending: dict[int, asyncio.Future[Any]] = {}  # reverse calls (metrics) awaiting a reply
         self._next_id = 0
+        self._profiler: Any = None  # the profiler service, made at the first forwarded call
         self._sync: dict[str, Callable[..., Any]] = {
             "resolve": self._resolve,
             "status": self._status,
@@ -151,6 +152,8 @@ class _ModelProcess:
                 result: Any = await self._predict(*args)
             elif method == "metrics":
                 result = await self._metrics()
+            elif method == "profiler":
+                result = await self._profile(*args)
             elif method in self._sync:
                 result = self._sync[method](*args)
             elif method in self._blocking:
@@ -202,6 +205,21 @@ class _ModelProcess:
             results = self._dataplane.multi_inference(target, tasks, _input(request_input), timeout_ms)
         return [(r.signature_name, r.method_name, r.result.SerializeToString()) for r in results]
 
+    async def _profile(self, name: str, request: bytes) -> tuple[str, str, bytes]:
+        """A `tensorflow.ProfilerService` call forwarded by a worker: (status code name or "", details, response)."""
+        if not self._server.options.enable_profiler:
+            raise ServingError(Code.UNIMPLEMENTED, "The profiler service is off")
+        from pyserving.protocols import profiler
+
+        if self._profiler is None:
+            self._profiler = profiler.ProfilerService()
+        message = profiler.message_class(f"{name}Request").FromString(request)
+        try:
+            response = await getattr(self._profiler, name)(message, _AbortContext())
+        except _Aborted as exc:
+            return exc.code, exc.details, b""
+        return "", "", response.SerializeToString()
+
     def _reload_proto(self, config: bytes) -> None:
         proto = model_server_config_pb2.ModelServerConfig()
         proto.ParseFromString(config)
@@ -227,6 +245,19 @@ class _ModelProcess:
             if state is not None:
                 states.append(state)
         return await run_sync(self._pool, metrics.exposition, states)
+
+
+class _Aborted(Exception):
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _AbortContext:
+    """What the profiler service uses of a gRPC context when a worker forwards its call: `abort`."""
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise _Aborted(code.name, details)
 
 
 def _forget(tasks: dict[int, asyncio.Task[None]], call_id: int, _: asyncio.Task[None]) -> None:

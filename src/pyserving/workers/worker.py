@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any
 
+import grpc
 import numpy as np
 import uvloop
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -30,6 +31,7 @@ from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
 from pyserving.lifecycle.core import ServerCore
 from pyserving.lifecycle.manager import State, VersionStatus
+from pyserving.protocols import profiler
 from pyserving.runtimes.servable import CLASSIFY_METHOD, Servable
 from pyserving.serving import DataPlane, ModelSpec, MultiInferenceResult, PredictResult, Target
 from pyserving.workers import wire
@@ -58,13 +60,28 @@ def serve(options: Options, run_dir: str, index: int) -> int:
     gc.collect()
     gc.freeze()
 
+    # The profiler service traces TensorFlow where it runs: a worker forwards its calls to the model process.
+    profile, options.enable_profiler = options.enable_profiler, False
+
     async def main() -> None:
         channel = await _AsyncChannel.open(run_dir, index)
         dataplane = RemoteDataPlane(options, channel, run_dir)
         core = RemoteCore(options, dataplane, channel)
+        services = [profiler.service(_RemoteProfiler(channel))] if profile else []
         built = server.Server(
-            options, core, dataplane, None, tls, tls_context, paths, reuse_port=True, exposition=dataplane.scrape
+            options,
+            core,
+            dataplane,
+            None,
+            tls,
+            tls_context,
+            paths,
+            reuse_port=True,
+            exposition=dataplane.scrape,
+            grpc_services=services,
         )
+        if profile:
+            log.info("Profiler service is enabled (it profiles the model process)")
         await server._serve(built)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -200,6 +217,31 @@ class _Blocking:
         if not on_loop:
             with self._lock:
                 self._idle.append(channel)
+
+
+class _RemoteProfiler:
+    """`tensorflow.ProfilerService`, answered by the model process's (where TensorFlow runs)."""
+
+    def __init__(self, channel: _AsyncChannel) -> None:
+        self._channel = channel
+
+    async def Profile(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 (gRPC name)
+        return await self._forward("Profile", request, context)
+
+    async def Terminate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._forward("Terminate", request, context)
+
+    async def Monitor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._forward("Monitor", request, context)
+
+    async def _forward(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            code, details, response = await self._channel.call("profiler", name, request.SerializeToString())
+        except ServingError as exc:
+            await context.abort(exc.grpc_code, exc.grpc_message)
+        if code:
+            await context.abort(grpc.StatusCode[code], details)
+        return profiler.message_class(f"{name}Response").FromString(response)
 
 
 class _Signatures:
