@@ -28,7 +28,7 @@ from pyserving import metrics
 from pyserving.concurrency import run_sized, run_sync, worker_pool
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
-from pyserving.serving import ModelSpec
+from pyserving.serving import ModelSpec, Target
 from pyserving.workers import wire
 
 __all__ = ["MODEL_SOCKET", "GENERATION_FILE", "serve"]
@@ -175,12 +175,30 @@ class _ModelProcess:
             signatures = {key: sig.SerializeToString() for key, sig in target.signature_defs.items()}
             return target.version, target.platform, signatures
 
+    def _lease(self, name: str, version: int, requested: int | None, label: str | None) -> Target:
+        """The version the worker resolved; if it unloaded since (a hot swap), what the worker's spec resolves
+        to now, as the request would have run in one process (which leases at resolve time)."""
+        try:
+            return self._dataplane.resolve(ModelSpec(name, version))
+        except ServingError:
+            if requested is not None:
+                raise
+            return self._dataplane.resolve(ModelSpec(name, None, label))
+
     async def _predict(
-        self, name: str, version: int, key: str, inputs: dict[str, Any], output_filter: list[str], timeout_ms: int
-    ) -> tuple[str, dict[str, Any]]:
-        with self._dataplane.resolve(ModelSpec(name, version)) as target:
+        self,
+        name: str,
+        version: int,
+        requested: int | None,
+        label: str | None,
+        key: str,
+        inputs: dict[str, Any],
+        output_filter: list[str],
+        timeout_ms: int,
+    ) -> tuple[int, str, dict[str, Any]]:
+        with self._lease(name, version, requested, label) as target:
             result = await self._dataplane.predict(target, key, inputs, output_filter, timeout_ms, self._pool)
-        return result.signature_name, result.outputs
+        return target.version, result.signature_name, result.outputs
 
     def _status(self, name: str, version: int | None) -> list[tuple[int, int, tuple[int, str] | None]]:
         return [
@@ -188,22 +206,33 @@ class _ModelProcess:
             for s in self._dataplane.status(name, version)
         ]
 
-    def _classify(self, name: str, version: int, key: str, request_input: bytes, timeout_ms: int) -> tuple[str, bytes]:
-        with self._dataplane.resolve(ModelSpec(name, version)) as target:
-            ran, result = self._dataplane.classify(target, key, _input(request_input), timeout_ms)
-        return ran, result.SerializeToString()
+    def _classify(
+        self, name: str, version: int, requested: int | None, label: str | None, key: str, request: bytes, timeout: int
+    ) -> tuple[int, str, bytes]:
+        with self._lease(name, version, requested, label) as target:
+            ran, result = self._dataplane.classify(target, key, _input(request), timeout)
+        return target.version, ran, result.SerializeToString()
 
-    def _regress(self, name: str, version: int, key: str, request_input: bytes, timeout_ms: int) -> tuple[str, bytes]:
-        with self._dataplane.resolve(ModelSpec(name, version)) as target:
-            ran, result = self._dataplane.regress(target, key, _input(request_input), timeout_ms)
-        return ran, result.SerializeToString()
+    def _regress(
+        self, name: str, version: int, requested: int | None, label: str | None, key: str, request: bytes, timeout: int
+    ) -> tuple[int, str, bytes]:
+        with self._lease(name, version, requested, label) as target:
+            ran, result = self._dataplane.regress(target, key, _input(request), timeout)
+        return target.version, ran, result.SerializeToString()
 
     def _multi_inference(
-        self, name: str, version: int, tasks: list[tuple[ModelSpec, str]], request_input: bytes, timeout_ms: int
-    ) -> list[tuple[str, str, bytes]]:
-        with self._dataplane.resolve(ModelSpec(name, version)) as target:
-            results = self._dataplane.multi_inference(target, tasks, _input(request_input), timeout_ms)
-        return [(r.signature_name, r.method_name, r.result.SerializeToString()) for r in results]
+        self,
+        name: str,
+        version: int,
+        requested: int | None,
+        label: str | None,
+        tasks: list[tuple[ModelSpec, str]],
+        request: bytes,
+        timeout: int,
+    ) -> tuple[int, list[tuple[str, str, bytes]]]:
+        with self._lease(name, version, requested, label) as target:
+            results = self._dataplane.multi_inference(target, tasks, _input(request), timeout)
+        return target.version, [(r.signature_name, r.method_name, r.result.SerializeToString()) for r in results]
 
     async def _profile(self, name: str, request: bytes) -> tuple[str, str, bytes]:
         """A `tensorflow.ProfilerService` call forwarded by a worker: (status code name or "", details, response)."""
@@ -282,8 +311,9 @@ def _input(serialized: bytes) -> input_pb2.Input:
 
 
 def _result_bytes(result: Any) -> int:
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
-        return sum(getattr(array, "nbytes", 0) for array in result[1].values())
+    """A predict reply's array bytes (version, signature, outputs)."""
+    if isinstance(result, tuple) and len(result) == 3 and isinstance(result[2], dict):
+        return sum(getattr(array, "nbytes", 0) for array in result[2].values())
     return 0
 
 

@@ -245,13 +245,25 @@ class _RemoteProfiler:
 
 
 class _Signatures:
-    """What a worker's `Target` carries instead of a servable: the version's signature defs."""
+    """A version's signature defs, parsed once per (model, version)."""
 
     __slots__ = ("signature_defs",)
-    runtime = "remote"
 
     def __init__(self, signature_defs: dict[str, meta_graph_pb2.SignatureDef]) -> None:
         self.signature_defs = signature_defs
+
+
+class _Resolved:
+    """What a worker's `Target` carries instead of a servable: the version's signature defs and the spec it
+    was resolved from (the model process runs the call on the spec's version now if that one has unloaded
+    since: one process holds its lease from resolve to result, a worker cannot)."""
+
+    __slots__ = ("signature_defs", "spec")
+    runtime = "remote"
+
+    def __init__(self, signatures: _Signatures, spec: ModelSpec) -> None:
+        self.signature_defs = signatures.signature_defs
+        self.spec = spec
 
 
 class RemoteDataPlane(DataPlane):
@@ -287,7 +299,7 @@ class RemoteDataPlane(DataPlane):
                 self._signatures[(spec.name, version)] = signatures
             entry = self._targets[key] = (version, platform, signatures)
         version, platform, signatures = entry
-        return Target(spec.name, version, _servable(signatures), None, platform)
+        return Target(spec.name, version, _servable(_Resolved(signatures, spec)), None, platform)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         self._fresh()
@@ -320,24 +332,25 @@ class RemoteDataPlane(DataPlane):
         executor: Executor | None = None,
     ) -> PredictResult:
         size = sum(getattr(array, "nbytes", 0) for array in inputs.values())
-        key, outputs = await self._channel.call(
-            "predict", target.model, target.version, signature_name, inputs, list(output_filter), timeout_ms, size=size
+        version, key, outputs = await self._channel.call(
+            "predict", *_where(target), signature_name, inputs, list(output_filter), timeout_ms, size=size
         )
-        return PredictResult(target.model, target.version, key, outputs)
+        target.version = version  # another one if the resolved version unloaded meanwhile (`_Resolved`)
+        return PredictResult(target.model, version, key, outputs)
 
     def classify(
         self, target: Target, signature_name: str, request_input: input_pb2.Input, timeout_ms: int = 0
     ) -> tuple[str, classification_pb2.ClassificationResult]:
-        key, serialized = self._blocking.call(
-            "classify", target.model, target.version, signature_name, request_input.SerializeToString(), timeout_ms
+        target.version, key, serialized = self._blocking.call(
+            "classify", *_where(target), signature_name, request_input.SerializeToString(), timeout_ms
         )
         return key, classification_pb2.ClassificationResult.FromString(serialized)
 
     def regress(
         self, target: Target, signature_name: str, request_input: input_pb2.Input, timeout_ms: int = 0
     ) -> tuple[str, regression_pb2.RegressionResult]:
-        key, serialized = self._blocking.call(
-            "regress", target.model, target.version, signature_name, request_input.SerializeToString(), timeout_ms
+        target.version, key, serialized = self._blocking.call(
+            "regress", *_where(target), signature_name, request_input.SerializeToString(), timeout_ms
         )
         return key, regression_pb2.RegressionResult.FromString(serialized)
 
@@ -348,8 +361,8 @@ class RemoteDataPlane(DataPlane):
         request_input: input_pb2.Input,
         timeout_ms: int = 0,
     ) -> list[MultiInferenceResult]:
-        answers = self._blocking.call(
-            "multi_inference", target.model, target.version, list(tasks), request_input.SerializeToString(), timeout_ms
+        target.version, answers = self._blocking.call(
+            "multi_inference", *_where(target), list(tasks), request_input.SerializeToString(), timeout_ms
         )
         results = []
         for key, method, serialized in answers:
@@ -417,5 +430,11 @@ def _signature_def(serialized: bytes) -> meta_graph_pb2.SignatureDef:
     return meta_graph_pb2.SignatureDef.FromString(serialized)
 
 
-def _servable(signatures: _Signatures) -> Servable:
-    return signatures  # type: ignore[return-value]  # a Target here only carries the signature defs
+def _servable(resolved: _Resolved) -> Servable:
+    return resolved  # type: ignore[return-value]  # a Target here only carries the signature defs and spec
+
+
+def _where(target: Target) -> tuple[str, int, int | None, str | None]:
+    """(model, resolved version, requested version, label): what the model process leases for a call."""
+    spec: ModelSpec = target.servable.spec  # type: ignore[attr-defined]
+    return target.model, target.version, spec.version, spec.label
