@@ -10,6 +10,7 @@ and renders them with its own, once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -24,7 +25,7 @@ from google.protobuf import message
 from tensorflow_serving.apis import input_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from pyserving import metrics
+from pyserving import metrics, tracing
 from pyserving.concurrency import run_sized, run_sync, worker_pool
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
@@ -147,28 +148,37 @@ class _ModelProcess:
     async def _answer(
         self, sender: wire.Sender, writer: asyncio.StreamWriter, call_id: int, method: str, args: tuple[Any, ...]
     ) -> None:
+        attributes: dict[str, Any] | None = {} if tracing.enabled and method in wire.TRACED else None
+        recording = tracing.recorded(attributes) if attributes is not None else contextlib.nullcontext()
         try:
-            if method == "predict":
-                result: Any = await self._predict(*args)
-            elif method == "metrics":
-                result = await self._metrics()
-            elif method == "profiler":
-                result = await self._profile(*args)
-            elif method in self._sync:
-                result = self._sync[method](*args)
-            elif method in self._blocking:
-                result = await run_sync(self._pool, self._blocking[method], *args)
-            else:
-                raise ServingError(Code.UNIMPLEMENTED, f"Unknown call {method}")
+            with recording:  # the worker's span gets what the data plane and batcher note
+                result: Any = await self._call(method, args)
+            if attributes is not None:
+                result = (result, attributes)
             reply: Any = (wire.REPLY, call_id, result)
         except Exception as exc:
             if not isinstance(exc, ServingError):
                 log.exception("Unexpected error answering a worker's %s call", method)
-            reply = wire.error_reply(call_id, exc)
+            reply = wire.error_reply(call_id, exc, attributes)
         if writer.is_closing():
             return
         size = _result_bytes(reply[2]) if method == "predict" else 0
         sender.send(await run_sized(self._pool, size, wire.encode, reply, self._run_dir))
+
+    async def _call(self, method: str, args: tuple[Any, ...]) -> Any:
+        if method == "predict":
+            result: Any = await self._predict(*args)
+        elif method == "metrics":
+            result = await self._metrics()
+        elif method == "profiler":
+            result = await self._profile(*args)
+        elif method in self._sync:
+            result = self._sync[method](*args)
+        elif method in self._blocking:
+            result = await run_sync(self._pool, self._blocking[method], *args)
+        else:
+            raise ServingError(Code.UNIMPLEMENTED, f"Unknown call {method}")
+        return result
 
     def _resolve(self, name: str, version: int | None, label: str | None) -> tuple[int, str, dict[str, bytes]]:
         with self._dataplane.resolve(ModelSpec(name, version, label)) as target:
@@ -311,7 +321,9 @@ def _input(serialized: bytes) -> input_pb2.Input:
 
 
 def _result_bytes(result: Any) -> int:
-    """A predict reply's array bytes (version, signature, outputs)."""
+    """A predict reply's array bytes (version, signature, outputs), with or without tracing attributes."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
+        result = result[0]
     if isinstance(result, tuple) and len(result) == 3 and isinstance(result[2], dict):
         return sum(getattr(array, "nbytes", 0) for array in result[2].values())
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pyserving import tracing
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "REPLY",
     "REQUEST",
     "SHM_THRESHOLD",
+    "TRACED",
     "BlockingChannel",
     "Generation",
     "Sender",
@@ -167,15 +169,26 @@ async def read_frame(reader: asyncio.StreamReader) -> bytearray | None:
         return None
 
 
-def error_reply(call_id: int, exc: BaseException) -> tuple[int, int, tuple[int, str]]:
-    """The reply for a call that raised: a ServingError's code and message; anything else INTERNAL."""
+# Calls whose tracing attributes (`tracing.recorded`) travel back with the result, or with the error: with
+# --enable_tracing their result is (result, attributes).
+TRACED = frozenset(["predict", "classify", "regress", "multi_inference"])
+
+
+def error_reply(
+    call_id: int, exc: BaseException, attributes: dict[str, Any] | None = None
+) -> tuple[int, int, tuple[Any, ...]]:
+    """The reply for a call that raised: a ServingError's code and message; anything else INTERNAL; and the
+    tracing attributes recorded before it did."""
     if isinstance(exc, ServingError):
-        return (ERROR, call_id, (exc.code.value, exc.message))
-    return (ERROR, call_id, (Code.INTERNAL.value, INTERNAL_ERROR))
+        return (ERROR, call_id, (exc.code.value, exc.message, attributes))
+    return (ERROR, call_id, (Code.INTERNAL.value, INTERNAL_ERROR, attributes))
 
 
-def raise_error(detail: tuple[int, str]) -> None:
-    code, message = detail
+def raise_error(detail: tuple[Any, ...]) -> None:
+    """Raise the error of an ERROR reply (its tracing attributes first added to the caller's span)."""
+    code, message = detail[0], detail[1]
+    if len(detail) > 2 and detail[2] and tracing.enabled:
+        tracing.add_attributes(detail[2])
     raise ServingError(Code(code), message)
 
 

@@ -332,8 +332,10 @@ class RemoteDataPlane(DataPlane):
         executor: Executor | None = None,
     ) -> PredictResult:
         size = sum(getattr(array, "nbytes", 0) for array in inputs.values())
-        version, key, outputs = await self._channel.call(
-            "predict", *_where(target), signature_name, inputs, list(output_filter), timeout_ms, size=size
+        version, key, outputs = _traced(
+            await self._channel.call(
+                "predict", *_where(target), signature_name, inputs, list(output_filter), timeout_ms, size=size
+            )
         )
         target.version = version  # another one if the resolved version unloaded meanwhile (`_Resolved`)
         return PredictResult(target.model, version, key, outputs)
@@ -341,16 +343,20 @@ class RemoteDataPlane(DataPlane):
     def classify(
         self, target: Target, signature_name: str, request_input: input_pb2.Input, timeout_ms: int = 0
     ) -> tuple[str, classification_pb2.ClassificationResult]:
-        target.version, key, serialized = self._blocking.call(
-            "classify", *_where(target), signature_name, request_input.SerializeToString(), timeout_ms
+        target.version, key, serialized = _traced(
+            self._blocking.call(
+                "classify", *_where(target), signature_name, request_input.SerializeToString(), timeout_ms
+            )
         )
         return key, classification_pb2.ClassificationResult.FromString(serialized)
 
     def regress(
         self, target: Target, signature_name: str, request_input: input_pb2.Input, timeout_ms: int = 0
     ) -> tuple[str, regression_pb2.RegressionResult]:
-        target.version, key, serialized = self._blocking.call(
-            "regress", *_where(target), signature_name, request_input.SerializeToString(), timeout_ms
+        target.version, key, serialized = _traced(
+            self._blocking.call(
+                "regress", *_where(target), signature_name, request_input.SerializeToString(), timeout_ms
+            )
         )
         return key, regression_pb2.RegressionResult.FromString(serialized)
 
@@ -361,8 +367,10 @@ class RemoteDataPlane(DataPlane):
         request_input: input_pb2.Input,
         timeout_ms: int = 0,
     ) -> list[MultiInferenceResult]:
-        target.version, answers = self._blocking.call(
-            "multi_inference", *_where(target), list(tasks), request_input.SerializeToString(), timeout_ms
+        target.version, answers = _traced(
+            self._blocking.call(
+                "multi_inference", *_where(target), list(tasks), request_input.SerializeToString(), timeout_ms
+            )
         )
         results = []
         for key, method, serialized in answers:
@@ -432,6 +440,15 @@ def _signature_def(serialized: bytes) -> meta_graph_pb2.SignatureDef:
 
 def _servable(resolved: _Resolved) -> Servable:
     return resolved  # type: ignore[return-value]  # a Target here only carries the signature defs and spec
+
+
+def _traced(result: Any) -> Any:
+    """A `wire.TRACED` call's result; with tracing, its attributes added to the current span first."""
+    if not tracing.enabled:
+        return result
+    value, attributes = result
+    tracing.add_attributes(attributes)
+    return value
 
 
 def _where(target: Target) -> tuple[str, int, int | None, str | None]:
