@@ -49,18 +49,19 @@ def test_big_arrays_travel_in_one_shared_file_that_the_receiver_unlinks(tmp_path
 
 def test_errors_travel_as_code_and_message():
     kind, call_id, detail = wire.error_reply(
-        4, ServingError(Code.NOT_FOUND, "Servable not found for request: Latest(x)")
+        4, ServingError(Code.NOT_FOUND, "Servable not found for request: Latest(x)"), {"pyserving.signature": "s"}
     )
+    # With the tracing attributes noted before the error (the worker adds them to its span when tracing is on).
     assert (kind, call_id, detail) == (
         wire.ERROR,
         4,
-        (Code.NOT_FOUND.value, "Servable not found for request: Latest(x)"),
+        (Code.NOT_FOUND.value, "Servable not found for request: Latest(x)", {"pyserving.signature": "s"}),
     )
     with pytest.raises(ServingError) as raised:
         wire.raise_error(detail)
     assert (raised.value.code, raised.value.message) == (Code.NOT_FOUND, "Servable not found for request: Latest(x)")
     # Anything but a ServingError reaches the worker without Python details.
-    assert wire.error_reply(5, KeyError("secret")) == (wire.ERROR, 5, (Code.INTERNAL.value, "Internal error"))
+    assert wire.error_reply(5, KeyError("secret")) == (wire.ERROR, 5, (Code.INTERNAL.value, "Internal error", None))
 
 
 def test_frames_read_from_a_stream_one_at_a_time(tmp_path):
