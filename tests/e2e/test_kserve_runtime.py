@@ -160,13 +160,6 @@ def _http_probe(url: str) -> int | None:
         return None
 
 
-def _logged_at(output: str, text: str) -> float:
-    """The time (epoch seconds) of the server's first log line holding `text`: its stamp,
-    `YYYY-MM-DD HH:MM:SS.mmm: `, is local time."""
-    line = next(line for line in output.splitlines() if text in line)
-    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
-
-
 def _status(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
@@ -383,7 +376,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_within_the_pods_grace(pod):
     assert "closing the listeners in 5 s" in server.output()
     # When the server closed them, from its log line's time stamp (the polling above sees the line late
     # under load; a call that ended just after the close could seem to end before it).
-    close_s = _logged_at(server.output(), "Closing the listeners") - signalled_wall
+    close_s = server.logged_at("Closing the listeners") - signalled_wall
     assert 4.9 < close_s < closed - signalled + 0.05
     for protocol in ("rest", "grpc"):
         calls = [(round(s - signalled, 3), round(e - signalled, 3), o) for p, s, e, o in traffic.calls if p == protocol]
