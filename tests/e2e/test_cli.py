@@ -46,7 +46,7 @@ def test_usage_lists_every_tensorflow_model_server_flag():
     names = [line.split("=", 1)[0].strip().lstrip("-") for line in usage.splitlines()[2:]]
     # TF Serving's 48 flags plus pyserving's 19 (host, drain delay, grace, body and head limits, decoded tensor
     # limit, read timeout, TLS, custom op libraries and modules, model platform, Python processing, its threads
-    # and its timeout, the object-store model cache, tracing, the metrics path, protocol workers)
+    # and its timeout, the object-store model cache, the extra metrics path, tracing, protocol workers)
     assert len(names) == 67
     for name in (
         "grpc_socket_path",
@@ -60,6 +60,8 @@ def test_usage_lists_every_tensorflow_model_server_flag():
         "skip_initialize_tpu",
         "mixed_precision",
         "num_workers",
+        "metrics_path",
+        "enable_tracing",
     ):
         assert name in names
 
