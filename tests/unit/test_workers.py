@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,35 @@ def test_every_numeric_dtype_and_layout_comes_back_exactly(tmp_path):
     for name, array in arrays.items():
         assert back[name].dtype == array.dtype and back[name].shape == array.shape, name
         np.testing.assert_array_equal(back[name], array)
+
+
+def test_the_sweep_removes_only_run_directories_that_killed_servers_left(tmp_path):
+    import socket
+
+    from pyserving.workers import supervisor
+
+    def run_dir(name: str) -> Path:
+        path = tmp_path / f"pyserving-run-{name}"
+        path.mkdir()
+        return path
+
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(run_dir("live") / "model.sock"))
+    live.listen()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(run_dir("dead") / "model.sock"))  # bound, never listening: what a killed process leaves
+    dead.close()
+    run_dir("loading")  # a model process still loading its models: no socket yet
+    old = run_dir("abandoned")
+    os.utime(old, (0, 0))
+    (tmp_path / "pyserving-model-cache").mkdir()  # another pyserving folder: never touched
+    os.utime(tmp_path / "pyserving-model-cache", (0, 0))
+    try:
+        supervisor._sweep(str(tmp_path))
+    finally:
+        live.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "pyserving-model-cache",
+        "pyserving-run-live",
+        "pyserving-run-loading",
+    ]

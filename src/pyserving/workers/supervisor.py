@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,9 @@ _POLL_S = 0.05
 _RESTART_BACKOFF_S = 1.0  # a worker that died sooner than this after its start waits this long to restart
 _MODEL_STOP_S = 60.0
 _PR_SET_PDEATHSIG = 1
+_RUN_PREFIX = "pyserving-run-"
+_MODEL_SOCKET = "model.sock"  # model_process.MODEL_SOCKET (that module imports TensorFlow's protos)
+_ABANDONED_S = 3600.0
 
 
 def die_with_parent() -> None:
@@ -48,11 +52,42 @@ def die_with_parent() -> None:
 def run(options: Options, argv: list[str], workers: int) -> int:
     """Serve with `workers` protocol workers until SIGTERM/SIGINT; the exit code."""
     shm = "/dev/shm"
-    run_dir = tempfile.mkdtemp(prefix="pyserving-", dir=shm if os.access(shm, os.W_OK) else None)
+    parent = shm if os.access(shm, os.W_OK) else tempfile.gettempdir()
+    _sweep(parent)
+    run_dir = tempfile.mkdtemp(prefix=_RUN_PREFIX, dir=parent)
     try:
         return _Supervisor(options, argv, workers, run_dir).run()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _sweep(parent: str) -> None:
+    """Remove the run directories that killed supervisors left in `parent` (SIGKILL skips their cleanup;
+    their children died with them). A directory is dead when nothing listens on its model socket any more
+    (connect refused), or, without a socket (a model process killed while loading), when it is older than
+    `_ABANDONED_S`. Pids are not used: a pod's containers share /dev/shm but not their pid namespaces."""
+    try:
+        entries = [entry for entry in os.scandir(parent) if entry.name.startswith(_RUN_PREFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+                continue
+            path = os.path.join(entry.path, _MODEL_SOCKET)
+            if os.path.exists(path):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.settimeout(1.0)
+                    probe.connect(path)  # answered: a live server's
+                continue
+            if time.time() - entry.stat().st_mtime < _ABANDONED_S:
+                continue
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass
+        except OSError:  # anything else (a timeout: a busy server): leave it
+            continue
+        log.info("Removing %s, left by a server that was killed", entry.path)
+        shutil.rmtree(entry.path, ignore_errors=True)
 
 
 class _Supervisor:
