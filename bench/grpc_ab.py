@@ -2,6 +2,9 @@
 
     python bench/grpc_ab.py A_SRC B_SRC [--rounds 3] [--seconds 3]
 
+With --download, also a 1 MiB float32 answer (gRPC Predict, float_val, the default encoding): the
+median time of a call through the official stub, each tree in turn.
+
 Starts four servers (each tree, batching off and on; PYTHONPATH picks the tree) and, each round,
 runs every point against A then B (B then A in odd rounds), so a slow moment of this shared
 machine falls on both. Prints the medians per point and B/A. Points: batching off at 16
@@ -17,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +60,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--points", default="grpc,v2grpc,rest")
+    parser.add_argument("--download", action="store_true", help="also time 1 MiB float_val answers")
     args = parser.parse_args()
+    if args.download:
+        download(args.a, args.b, args.rounds)
     wanted = args.points.split(",")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
@@ -109,6 +116,38 @@ def main() -> None:
             runs_a = " ".join(f"{v:.0f}" for v in results[(name, "A")])
             runs_b = " ".join(f"{v:.0f}" for v in results[(name, "B")])
             print(f"| {name} | {a:.0f} | {b:.0f} | {b / a:.2f} | {runs_a} | {runs_b} |")
+
+
+def download(a: str, b: str, rounds: int) -> None:
+    """Milliseconds per gRPC Predict whose answer is 262,144 float32 (1 MiB) in float_val."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        module = tf.Module()
+        module.download = tf.function(lambda n: {"y": tf.fill([n], 0.5)}, input_signature=[tf.TensorSpec([], tf.int32)])
+        tf.saved_model.save(module, str(work / "big" / "1"), signatures={"download": module.download})
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.signature_name = "m", "download"
+        request.inputs["n"].CopyFrom(tf.make_tensor_proto(262144, tf.int32))
+        stubs = {}
+        for tree, src in (("A", a), ("B", b)):
+            _, grpc_port = stack.enter_context(server(src, work / "big", work, False))
+            channel = stack.enter_context(
+                grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_receive_message_length", -1)])
+            )
+            stubs[tree] = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        times: dict[str, list[float]] = {"A": [], "B": []}
+        for round_ in range(rounds * 10):
+            for tree in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
+                started = time.perf_counter()
+                response = stubs[tree].Predict(request, timeout=60)
+                times[tree].append((time.perf_counter() - started) * 1000)
+                assert len(response.outputs["y"].float_val) == 262144
+        a_ms, b_ms = statistics.median(times["A"]), statistics.median(times["B"])
+        print(f"| gRPC Predict, 1 MiB float_val answer (ms per call) | {a_ms:.1f} | {b_ms:.1f} | {b_ms / a_ms:.2f} |")
 
 
 if __name__ == "__main__":
