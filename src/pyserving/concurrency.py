@@ -5,6 +5,7 @@ background threads survive their failures.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -30,7 +31,8 @@ def worker_pool(threads: int, name: str) -> ThreadPoolExecutor:
 
 
 async def run_sync(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn(*args)` on `pool` and await its result without blocking the loop.
+    """Run `fn(*args)` on `pool` and await its result without blocking the loop; `fn` sees the caller's
+    context variables (as with `asyncio.to_thread`), such as the request's tracing span.
 
     The worker hands the outcome straight to a loop future (one call_soon_threadsafe):
     `loop.run_in_executor` chains the pool's Future to an asyncio one through locks and
@@ -40,7 +42,7 @@ async def run_sync(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
-    work = pool.submit(_run_into, loop, future, fn, args)
+    work = pool.submit(contextvars.copy_context().run, _run_into, loop, future, fn, args)
     try:
         return await future
     except asyncio.CancelledError:

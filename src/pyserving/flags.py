@@ -136,6 +136,12 @@ class Options:
     )
     # Monitoring and profiling
     monitoring_config_file: str = _flag("", "string", "Text-format MonitoringConfig")
+    metrics_path: str = _flag(
+        "",
+        "string",
+        "pyserving: also serve the Prometheus metrics on the REST port at this path, e.g. /metrics, with or "
+        "without --monitoring_config_file (empty: off; not under /v1 or /v2)",
+    )
     enable_profiler: bool = _flag(True, "bool", "Enable the TensorFlow profiler service")
     # Security
     ssl_config_file: str = _flag("", "string", "Text-format SSLConfig for gRPC TLS")
@@ -218,6 +224,13 @@ class Options:
         INT32,
         "pyserving: bound on a Python processing call whose request carries no deadline (a gRPC call "
         "without one; REST calls use --rest_api_timeout_in_ms)",
+    )
+
+    enable_tracing: bool = _flag(
+        False,
+        "bool",
+        "pyserving: export an OpenTelemetry span per inference request over OTLP (pyserving[tracing]); the "
+        "standard OTEL_* variables set the endpoint, service name (default pyserving), sampler and exporter",
     )
 
     def saved_model_tag_list(self) -> list[str]:

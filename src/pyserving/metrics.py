@@ -7,6 +7,10 @@ Serving's exporter (util/prometheus_exporter.cc) writes for cumulative metrics.
 Histograms are regular Prometheus histograms. Process metrics (CPU, memory, file
 descriptors) come from prometheus-client's ProcessCollector.
 
+pyserving's own series, under `:pyserving:` (the autoscaling signals, docs/DEPLOY.md): the event loop's
+lag, requests in flight and batch queue depth per model (gauges read from their sources when scraped), and
+the time calls wait in batch queues per model.
+
 Rendering walks every series: `exposition` runs on a worker thread, never on the
 event loop. Label values that come from requests are bounded by the callers (a
 model that is not served counts under `UNKNOWN_MODEL`).
@@ -16,17 +20,20 @@ from __future__ import annotations
 
 import bisect
 import threading
+import weakref
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = [
     "BATCH_INPUT_SIZE",
     "BATCH_PADDING_SIZE",
     "BATCH_PROCESSED_SIZE",
+    "BATCH_QUEUE_DEPTH",
+    "BATCH_QUEUE_SECONDS",
     "BATCH_QUEUING_LATENCY",
     "BATCH_WRAPPED_RUN_COUNT",
     "CONTENT_TYPE",
@@ -39,6 +46,7 @@ __all__ = [
     "REQUEST_COUNT",
     "REQUEST_EXAMPLE_COUNTS",
     "REQUEST_EXAMPLE_COUNT_TOTAL",
+    "REQUESTS_IN_FLIGHT",
     "REQUEST_LATENCY",
     "RUNTIME_LATENCY",
     "UNKNOWN_MODEL",
@@ -104,6 +112,17 @@ class _Histogram:
             series[index] += 1
             series[-1] += value
 
+    def observe_many(self, *label_values: str, values: Iterable[float]) -> None:
+        """`observe` for several values of one series, under one lock."""
+        indexes = [(bisect.bisect_left(self._bounds, value), value) for value in values]
+        with self._lock:
+            series = self._series.get(label_values)
+            if series is None:
+                series = self._series[label_values] = [0] * (len(self._bounds) + 1) + [0.0]
+            for index, value in indexes:
+                series[index] += 1
+                series[-1] += value
+
     def render(self) -> bytes:
         family = HistogramMetricFamily(self.name, self._help, labels=list(self._labels))
         with self._lock:
@@ -115,6 +134,41 @@ class _Histogram:
                 cumulative += count
                 buckets.append((bound, cumulative))
             family.add_metric(list(values), buckets, series[-1])
+        return generate_latest(_Families([family]))
+
+
+# A source of a sampled gauge: () -> {label values: value}, a bound method (held weakly).
+Source = Callable[[], dict[tuple[str, ...], float]]
+
+
+class _SampledGauge:
+    """A gauge read when scraped: the values its sources report then (summed per label set), so the hot
+    path keeps no count of its own. Sources are held weakly: an object that goes away stops reporting."""
+
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...]) -> None:
+        self.name, self._help, self._labels = name, help_text, labels
+        self._sources: list[weakref.WeakMethod] = []
+        self._lock = threading.Lock()
+
+    def add_source(self, source: Source) -> None:
+        with self._lock:
+            self._sources.append(weakref.WeakMethod(source))
+
+    def values(self) -> dict[tuple[str, ...], float]:
+        with self._lock:
+            self._sources = [ref for ref in self._sources if ref() is not None]
+            sources = [ref() for ref in self._sources]
+        totals: dict[tuple[str, ...], float] = defaultdict(float)
+        for source in sources:
+            if source is not None:
+                for label_values, value in source().items():
+                    totals[label_values] += value
+        return dict(totals)
+
+    def render(self) -> bytes:
+        family = GaugeMetricFamily(self.name, self._help, labels=list(self._labels))
+        for label_values, value in sorted(self.values().items()):
+            family.add_metric(list(label_values), value)
         return generate_latest(_Families([family]))
 
 
@@ -223,9 +277,31 @@ EVENT_LOOP_LAG = Gauge(
 )
 
 
+# pyserving's autoscaling signals, per model (docs/DEPLOY.md, "Autoscaling signals"). The gauges are read
+# when scraped: requests in flight are the model's leased versions' lease counts (the manager's, kept under
+# its lock anyway), queue depth the batcher's queued rows; the hot path adds nothing to count them.
+REQUESTS_IN_FLIGHT = _SampledGauge(
+    ":pyserving:requests_in_flight",
+    "Requests holding a version of the model now (every protocol; from the version lookup to the model's result).",
+    ("model_name",),
+)
+BATCH_QUEUE_DEPTH = _SampledGauge(
+    ":pyserving:batch_queue_depth",
+    "Rows (examples) waiting in the model's batching queues now.",
+    ("model_name",),
+)
+BATCH_QUEUE_SECONDS = _Histogram(
+    ":pyserving:batch_queue_seconds",
+    "Seconds a batched call waited in its queue before its batch ran.",
+    ("model_name",),
+    _exponential(1e-4, 2, 20),  # 100 us .. 52 s
+)
+_PYSERVING: list[_SampledGauge | _Histogram] = [REQUESTS_IN_FLIGHT, BATCH_QUEUE_DEPTH, BATCH_QUEUE_SECONDS]
+
+
 def exposition() -> bytes:
     """Every metric in the Prometheus text format (walks every series: call it off the event loop)."""
-    return b"".join([metric.render() for metric in _ALL] + [generate_latest(_REGISTRY)])
+    return b"".join([metric.render() for metric in [*_ALL, *_PYSERVING]] + [generate_latest(_REGISTRY)])
 
 
 def record_examples(model: str, count: int) -> None:

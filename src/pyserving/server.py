@@ -20,6 +20,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import signal
 import ssl
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import grpc
 import uvloop
 
-from pyserving import config_protos, metrics
+from pyserving import config_protos, metrics, tracing
 from pyserving.concurrency import worker_pool
 from pyserving.errors import Code, ServingError
 from pyserving.flags import Options
@@ -51,7 +52,7 @@ from pyserving.serving import DataPlane, ModelSpec, Target
 from pyserving.transports import grpc as grpc_transport
 from pyserving.transports import http
 
-__all__ = ["run"]
+__all__ = ["Server", "Servicers", "build", "grpc_servicers", "rest_router", "run"]
 
 log = logging.getLogger("pyserving")
 
@@ -61,7 +62,7 @@ _BATCHING_REQUEST_THREADS = 128
 
 
 @dataclass
-class _Server:
+class Server:
     """Everything `run` builds before the listeners open."""
 
     options: Options
@@ -70,14 +71,15 @@ class _Server:
     batcher: Batcher | None
     tls: Any  # an SSLConfig message, or None
     tls_context: ssl.SSLContext | None  # the same certificates for REST (built once, when they are checked)
-    metrics_path: str | None
+    metrics_paths: list[str]  # where REST serves the Prometheus metrics (none: not exported)
 
 
-def _build(options: Options) -> _Server:
+def _build(options: Options) -> Server:
     """The loader chain, the core and the data plane; `ServingError` if a config file is bad."""
     options.validate()
+    tracing.setup(options.enable_tracing)
     custom_ops.load(options.custom_op_library_list(), options.custom_op_module_list())
-    metrics_path, (tls, tls_context) = _monitoring(options), _tls(options)
+    metrics_paths, (tls, tls_context) = _metrics_paths(options), _tls(options)
     intra, inter = options.parallelism()
     batcher = _batcher(options)
     processing = _processing(options)
@@ -107,7 +109,59 @@ def _build(options: Options) -> _Server:
             warmup.replay(spec.path, Target(spec.model, spec.version, servable), dataplane, iterations)
 
         loader.warmup = replay_warmup
-    return _Server(options, core, dataplane, batcher, tls, tls_context, metrics_path)
+    metrics.REQUESTS_IN_FLIGHT.add_source(core.manager.leases_by_model)
+    return Server(options, core, dataplane, batcher, tls, tls_context, metrics_paths)
+
+
+def build(options: Options) -> Server:
+    """Everything but the listeners, with the initial models loaded (or `ServingError`): what `run` serves,
+    and what an engine that brings its own listeners (`pyserving.ray_serve`) mounts."""
+    server = _build(options)
+    server.core.start(server.core.initial_configs())
+    return server
+
+
+@dataclass
+class Servicers:
+    """The gRPC servicers over one data plane: TF Serving's two services and the Open Inference Protocol's."""
+
+    prediction: grpc_api.PredictionService
+    model: grpc_api.ModelService
+    inference: v2_grpc.InferenceService
+
+
+def grpc_servicers(server: Server) -> Servicers:
+    options = server.options
+    pool = worker_pool(_request_threads(options.grpc_max_threads, options), "grpc")
+    return Servicers(
+        grpc_api.PredictionService(server.dataplane, pool, options.enable_serialization_as_tensor_content),
+        grpc_api.ModelService(server.dataplane, pool, server.core.reload_proto),
+        v2_grpc.InferenceService(Inference(server.dataplane, server.core, pool)),
+    )
+
+
+def rest_router(server: Server) -> http.Router:
+    """The REST port's ASGI app: TF Serving's /v1, the V2 /v2, health, readiness, OpenAPI, metrics."""
+    options = server.options
+    router = http.Router(not_found=rest_api.NOT_FOUND_RESPONSE)
+    router.route(operations.HEALTHZ, operations.liveness, methods=["GET"])
+    router.route(operations.READYZ, operations.readiness(server.core.readiness), methods=["GET"])
+    router.route(operations.OPENAPI, operations.openapi, methods=["GET"])
+    if server.metrics_paths:
+        # One thread: scrapes queue behind each other instead of rendering side by side.
+        scrape = operations.metrics_app(worker_pool(1, "metrics"))
+        for path in server.metrics_paths:
+            router.route(path, scrape)
+    pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
+    settings = rest_api.RestSettings(
+        options.rest_api_timeout_in_ms,
+        options.rest_api_enable_cors_support,
+        options.rest_api_max_body_bytes,
+    )
+    router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings), ignore_case=True)
+    v2_settings = v2_rest.V2Settings(options.rest_api_timeout_in_ms, options.rest_api_max_body_bytes)
+    router.mount(v2_rest.PREFIX, v2_rest.V2RestApi(Inference(server.dataplane, server.core, pool), pool, v2_settings))
+    return router
 
 
 def _batcher(options: Options) -> Batcher | None:
@@ -140,6 +194,41 @@ def _monitoring(options: Options) -> str | None:
     if not config.prometheus_config.enable:
         return None
     return config.prometheus_config.path or metrics.DEFAULT_PATH
+
+
+# --metrics_path: a URL path without a query; and the paths it may not take (the REST APIs' prefixes, any
+# case, and the operations routes).
+_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+_API_PREFIXES = ("/v1", "/v2")
+
+
+def _metrics_paths(options: Options) -> list[str]:
+    """The REST paths of the Prometheus metrics: `--monitoring_config_file`'s and `--metrics_path`
+    (one route when they are the same); `ServingError` naming the problem for a `--metrics_path` that
+    is not a path or collides with a served route."""
+    paths = [path for path in [_monitoring(options)] if path is not None]
+    path = options.metrics_path
+    if not path:
+        return paths
+    if not _PATH.fullmatch(path):
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"--metrics_path={path} is not a URL path: it must start with / and hold only letters, digits "
+            "and -._~!$&'()*+,;=:@%/ (no query)",
+        )
+    lowered = path.lower()
+    prefix = next((prefix for prefix in _API_PREFIXES if lowered.startswith(prefix)), None)
+    if prefix is not None:
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"--metrics_path={path} collides with the REST API's {prefix} paths; choose another path, e.g. /metrics",
+        )
+    if path in (operations.HEALTHZ, operations.READYZ, operations.OPENAPI):
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"--metrics_path={path} collides with the {path} route; choose another path, e.g. /metrics",
+        )
+    return paths if path in paths else [*paths, path]
 
 
 def _tls(options: Options) -> tuple[Any, ssl.SSLContext | None]:
@@ -175,8 +264,7 @@ def run(options: Options) -> int:
     # cast. The warning is noise for a server, and an np.errstate around each cast cost a microsecond.
     warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
     try:
-        server = _build(options)
-        server.core.start(server.core.initial_configs())
+        server = build(options)
     except ServingError as exc:
         print(f"Failed to start server. Error: {exc}", flush=True)
         return 255
@@ -191,10 +279,12 @@ def run(options: Options) -> int:
         except ServingError as exc:
             print(f"Failed to start server. Error: {exc}", flush=True)
             return 255
+        finally:
+            tracing.shutdown()  # the spans still queued leave before the process exits
     return 0
 
 
-async def _serve(server: _Server) -> None:
+async def _serve(server: Server) -> None:
     options, core = server.options, server.core
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -236,7 +326,7 @@ async def _serve(server: _Server) -> None:
     log.info("Server stopped")
 
 
-def _on_sighup(server: _Server) -> None:
+def _on_sighup(server: Server) -> None:
     if not server.options.model_config_file:
         log.info("SIGHUP ignored: there is no --model_config_file to reload")
         return
@@ -260,16 +350,10 @@ async def _watch_loop_lag() -> None:
             worst, window_start = 0.0, now
 
 
-async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.GrpcHealth | None]:
+async def _start_grpc(server: Server) -> tuple[grpc.aio.Server, operations.GrpcHealth | None]:
     options = server.options
-    pool = worker_pool(_request_threads(options.grpc_max_threads, options), "grpc")
-    services = grpc_api.services(
-        server.dataplane,
-        pool,
-        options.enable_serialization_as_tensor_content,
-        server.core.reload_proto,
-    )
-    services += v2_grpc.services(Inference(server.dataplane, server.core, pool))
+    servicers = grpc_servicers(server)
+    services = grpc_api.services(servicers.prediction, servicers.model) + v2_grpc.services(servicers.inference)
     health = None
     if options.enable_grpc_healthcheck_service:
         health = operations.GrpcHealth()
@@ -304,7 +388,7 @@ async def _start_grpc(server: _Server) -> tuple[grpc.aio.Server, operations.Grpc
     return grpc_server, health
 
 
-async def _start_rest(server: _Server) -> http.Listener | None:
+async def _start_rest(server: Server) -> http.Listener | None:
     """The HTTP listener with every HTTP protocol mounted; None (logged) if it cannot start, as TF Serving."""
     options = server.options
     if options.rest_api_port == options.port:
@@ -313,22 +397,7 @@ async def _start_rest(server: _Server) -> http.Listener | None:
             "HTTP/REST API. Skipped exporting HTTP/REST API."
         )
         return None
-    router = http.Router(not_found=rest_api.NOT_FOUND_RESPONSE)
-    router.route(operations.HEALTHZ, operations.liveness, methods=["GET"])
-    router.route(operations.READYZ, operations.readiness(server.core.readiness), methods=["GET"])
-    router.route(operations.OPENAPI, operations.openapi, methods=["GET"])
-    if server.metrics_path is not None:
-        # One thread: scrapes queue behind each other instead of rendering side by side.
-        router.route(server.metrics_path, operations.metrics_app(worker_pool(1, "metrics")))
-    pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
-    settings = rest_api.RestSettings(
-        options.rest_api_timeout_in_ms,
-        options.rest_api_enable_cors_support,
-        options.rest_api_max_body_bytes,
-    )
-    router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings), ignore_case=True)
-    v2_settings = v2_rest.V2Settings(options.rest_api_timeout_in_ms, options.rest_api_max_body_bytes)
-    router.mount(v2_rest.PREFIX, v2_rest.V2RestApi(Inference(server.dataplane, server.core, pool), pool, v2_settings))
+    router = rest_router(server)
     try:
         rest_server = await http.start(
             router,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -117,7 +118,10 @@ class _RecordingPool(ThreadPoolExecutor):
         self.ran: list[str] = []
 
     def submit(self, fn, /, *args, **kwargs):
-        ran = args[2] if fn is _run_into else fn  # run_sync's wrapper: (loop, future, fn, args)
+        called, called_args = fn, args
+        if isinstance(getattr(fn, "__self__", None), contextvars.Context):  # run_sync's wrappers:
+            called, *called_args = args  # Context.run(_run_into, loop, future, fn, args)
+        ran = called_args[2] if called is _run_into else called
         self.ran.append(getattr(ran, "__name__", repr(ran)))
         return super().submit(fn, *args, **kwargs)
 

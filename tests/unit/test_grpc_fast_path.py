@@ -4,6 +4,7 @@ serialization), passed through the transport's serializer, and the lean worker-t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -114,3 +115,18 @@ def test_run_sync_cancelled_before_its_call_starts_never_makes_it():
     with pool:
         _on_uvloop(calls)
     assert ran == ["after"]
+
+
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+def test_run_sync_carries_the_callers_context_variables_to_the_worker():
+    pool = ThreadPoolExecutor(1)
+
+    async def calls() -> tuple[str, str]:
+        _REQUEST_ID.set("r-17")
+        seen = await run_sync(pool, _REQUEST_ID.get)
+        return seen, await run_sync(pool, _REQUEST_ID.set, "changed in the worker") and _REQUEST_ID.get()
+
+    with pool:
+        assert _on_uvloop(calls) == ("r-17", "r-17")  # the worker's changes stay in its copy

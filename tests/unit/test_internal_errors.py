@@ -39,7 +39,8 @@ class _Buggy:
 def test_rest_answers_a_bug_with_a_bare_500_and_logs_it_once(caplog):
     api = RestApi(_Buggy(), ThreadPoolExecutor(1), RestSettings())  # type: ignore[arg-type]
     with caplog.at_level(logging.ERROR, logger="pyserving"):
-        status, body = asyncio.run(api._handle("POST", "/v1/models/m:predict", b'{"instances": [1.0]}'))
+        request = ("POST", "/v1/models/m:predict", b'{"instances": [1.0]}', {"headers": []})
+        status, body = asyncio.run(api._handle(*request))
     assert (status, body) == (500, b'{\n    "error": "Internal error"\n}')
     assert [r.exc_info[0] for r in caplog.records] == [KeyError]
 

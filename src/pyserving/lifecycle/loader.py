@@ -57,7 +57,7 @@ class LoaderChain:
         try:
             processed = servable if isinstance(servable, ProcessingServable) else None
             if self._batcher is not None:
-                servable = self._batcher.wrap(servable, self._batching_options(spec.path))
+                servable = self._batcher.wrap(servable, self._batching_options(spec.path), spec.model)
             if processed is not None:  # a per-request function's graph calls join the batches
                 processed.graph_runner = servable
             if self.warmup is not None:

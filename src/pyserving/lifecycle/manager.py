@@ -341,6 +341,15 @@ class ModelManager:
             record.leases += 1
         return Lease(self, record, record.servable)
 
+    def leases_by_model(self) -> dict[tuple[str, ...], float]:
+        """Each configured model's leases held now, as `(name,)` -> count: the requests in flight on it
+        (`metrics.REQUESTS_IN_FLIGHT` reads this when scraped)."""
+        with self._lock:
+            return {
+                (name,): float(sum(record.leases for record in model.versions.values()))
+                for name, model in self._models.items()
+            }
+
     def knows(self, name: str) -> bool:
         """Whether `name` is (or was) a configured model, served or not."""
         with self._lock:

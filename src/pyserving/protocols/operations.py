@@ -3,8 +3,8 @@ and the standard gRPC health service.
 
 HTTP: `GET /healthz` (alive), `GET /readyz` (200 when every configured model has
 an AVAILABLE version and the server is not shutting down, else 503 with each
-model's state), the Prometheus text format at `--monitoring_config_file`'s path,
-and `GET /openapi.yaml` (the REST API: TF Serving's and the Open Inference
+model's state), the Prometheus text format at `--monitoring_config_file`'s path
+and at `--metrics_path`, and `GET /openapi.yaml` (the REST API: TF Serving's and the Open Inference
 Protocol's routes). gRPC: `grpc.health.v1.Health` with
 `--enable_grpc_healthcheck_service`, SERVING for the server and TF Serving's
 service names until shutdown begins.

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from pyserving import metrics
+from pyserving import metrics, tracing
 from pyserving.concurrency import LoopGuard
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
 from pyserving.runtimes.servable import Servable
@@ -107,7 +107,7 @@ class BatchingOptions:
 class _Task:
     """A queued call (or part of one); `loop` is None when a thread waits on `future`, else the loop it belongs to."""
 
-    __slots__ = ("inputs", "rows", "loop", "future", "enqueued")
+    __slots__ = ("inputs", "rows", "loop", "future", "enqueued", "started", "batch_size")
 
     def __init__(self, inputs: dict[str, np.ndarray], rows: int, loop: asyncio.AbstractEventLoop | None) -> None:
         self.inputs = inputs
@@ -115,6 +115,8 @@ class _Task:
         self.loop = loop
         self.future: Future[Any] | asyncio.Future[Any] = Future() if loop is None else loop.create_future()
         self.enqueued = time.monotonic()
+        self.started = self.enqueued  # when its batch started running (set by the batch thread)
+        self.batch_size = 0  # the rows of the batch it ran in, padding included
 
     def claim(self) -> bool:
         """False if the caller went away (an RPC cancelled while queued); else its future can no longer be
@@ -173,11 +175,13 @@ class BatchedServable:
     Python processing functions, which run on their own pool: `inner.run_async`).
     """
 
-    def __init__(self, inner: Servable, batcher: Batcher, options: BatchingOptions) -> None:
+    def __init__(self, inner: Servable, batcher: Batcher, options: BatchingOptions, model_name: str = "") -> None:
         options.validate()
         self.inner = inner
         self.options = options
+        self.model_name = model_name  # the model_name label of its queue metrics
         self._batcher = batcher
+        batcher.add_model(model_name)
         self._unbatched: frozenset[str] = getattr(inner, "unbatched_signatures", frozenset())
 
     @property
@@ -194,8 +198,11 @@ class BatchedServable:
         """Blocks until this call's rows are back."""
         if signature_name in self._unbatched:
             return self.inner.run(signature_name, inputs, output_aliases, timeout_ms)
-        futures = self._batcher.submit(self, signature_name, inputs, output_aliases, timeout_ms, None)
-        return _joined([future.result() for future in futures])
+        tasks = self._batcher.submit(self, signature_name, inputs, output_aliases, timeout_ms, None)
+        outputs = _joined([task.future.result() for task in tasks])
+        if tracing.enabled:
+            _trace_batch(tasks)
+        return outputs
 
     async def run_async(
         self, signature_name: str, inputs: dict[str, np.ndarray], output_aliases: Sequence[str], timeout_ms: int
@@ -207,13 +214,16 @@ class BatchedServable:
             )
             return result
         loop = asyncio.get_running_loop()
-        futures = self._batcher.submit(self, signature_name, inputs, output_aliases, timeout_ms, loop)
+        tasks = self._batcher.submit(self, signature_name, inputs, output_aliases, timeout_ms, loop)
         try:
-            return _joined([await future for future in futures])  # type: ignore[misc]
+            outputs = _joined([await task.future for task in tasks])  # type: ignore[misc]
         except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()
+            for task in tasks:
+                task.future.cancel()
             raise
+        if tracing.enabled:
+            _trace_batch(tasks)
+        return outputs
 
     def runs_async(self, signature_name: str) -> bool:
         """Every signature is awaited on the loop (`run_async`)."""
@@ -238,6 +248,8 @@ class Batcher:
         self._order: collections.deque[tuple] = collections.deque()
         self._changed = threading.Condition()
         self._stopping = False
+        self._models: set[str] = set()  # the models it batches: their queue depth shows 0 when empty
+        metrics.BATCH_QUEUE_DEPTH.add_source(self.queue_depths)
         self._threads = [
             threading.Thread(target=self._work, name=f"{options.thread_pool_name}-{i}", daemon=True)
             for i in range(options.num_batch_threads)
@@ -245,9 +257,27 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def wrap(self, servable: Servable, options: BatchingOptions | None = None) -> BatchedServable:
-        """`servable` batched on this scheduler, with its own parameters if given (per-model batching)."""
-        return BatchedServable(servable, self, options or self.options)
+    def wrap(self, servable: Servable, options: BatchingOptions | None = None, model_name: str = "") -> BatchedServable:
+        """`servable` (of model `model_name`) batched on this scheduler, with its own parameters if given
+        (per-model batching)."""
+        return BatchedServable(servable, self, options or self.options, model_name)
+
+    def add_model(self, name: str) -> None:
+        """Report `name`'s queue depth from now on, 0 while nothing is queued (a gauge that vanished would
+        leave autoscalers without a value)."""
+        if name:
+            with self._changed:
+                self._models.add(name)
+
+    def queue_depths(self) -> dict[tuple[str, ...], float]:
+        """Rows queued now per model, as `(model_name,)` -> rows (read when metrics are scraped). A call
+        cancelled while queued counts until a batch thread reaches it and drops it."""
+        with self._changed:
+            depths: dict[tuple[str, ...], float] = dict.fromkeys(((name,) for name in self._models), 0.0)
+            for queue in self._queues.values():
+                label = (queue.servable.model_name,)
+                depths[label] = depths.get(label, 0.0) + queue.rows
+        return depths
 
     def submit(
         self,
@@ -257,7 +287,7 @@ class Batcher:
         aliases: Sequence[str],
         timeout_ms: int,
         loop: asyncio.AbstractEventLoop | None,
-    ) -> list[Future[Any] | asyncio.Future[Any]]:
+    ) -> list[_Task]:
         """Queue a call, split into parts if it is larger than a batch; each part's future gets its outputs."""
         rows = _batch_rows(inputs)
         options = servable.options
@@ -281,7 +311,7 @@ class Batcher:
             queue.rows += rows
             self._changed.notify_all()
         metrics.BATCH_INPUT_SIZE.observe(value=rows)
-        return [task.future for task in tasks]
+        return tasks
 
     def _work(self) -> None:
         guard = LoopGuard(f"Batch thread {threading.current_thread().name}")  # it outlives any failure
@@ -332,12 +362,17 @@ class Batcher:
         started = time.monotonic()
         for task in batch:
             metrics.BATCH_QUEUING_LATENCY.observe(options.thread_pool_name, value=(started - task.enqueued) * 1e6)
+        metrics.BATCH_QUEUE_SECONDS.observe_many(
+            queue.servable.model_name, values=[started - task.enqueued for task in batch]
+        )
         rows = sum(task.rows for task in batch)
         size = rows
         if options.allowed_batch_sizes:
             size = options.allowed_batch_sizes[bisect.bisect_left(options.allowed_batch_sizes, rows)]
             metrics.BATCH_PADDING_SIZE.observe(str(size), value=size - rows)
         metrics.BATCH_PROCESSED_SIZE.observe(value=size)
+        for task in batch:  # read by the caller once its future is done (the future orders the accesses)
+            task.started, task.batch_size = started, size
         metrics.BATCH_WRAPPED_RUN_COUNT.inc()
         try:
             merged = {
@@ -371,6 +406,11 @@ class Batcher:
             self._order.clear()
         pending = [task for task in pending if task.claim()]
         _settle(pending, [ServingError(Code.UNAVAILABLE, "Server is shutting down")] * len(pending))
+
+
+def _trace_batch(tasks: list[_Task]) -> None:
+    """The call's queue time (its last part's, for a split call) and batch size, on its tracing span."""
+    tracing.note_batch(max(task.started - task.enqueued for task in tasks), max(task.batch_size for task in tasks))
 
 
 def _settle(tasks: list[_Task], outcomes: list[Any]) -> None:

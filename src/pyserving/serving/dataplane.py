@@ -20,7 +20,7 @@ import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import classification_pb2, input_pb2, regression_pb2
 
-from pyserving import metrics, tensors
+from pyserving import metrics, tensors, tracing
 from pyserving.concurrency import run_sync
 from pyserving.errors import Code, ServingError, invalid_argument
 from pyserving.lifecycle.manager import Lease, ModelManager, VersionStatus
@@ -125,6 +125,8 @@ class DataPlane:
         (`runs_async(key)`: a batched servable, a Python processing signature), is awaited on the loop
         without holding a thread."""
         key = signature_name or DEFAULT_SIGNATURE
+        if tracing.enabled:
+            tracing.annotate(target.model, target.version, key, _rows(inputs))
         signature = target.signature_defs.get(key)
         if signature is None:
             raise ServingError(Code.FAILED_PRECONDITION, f'Serving signature key "{key}" not found.')
@@ -182,6 +184,8 @@ class DataPlane:
         aliases = check(signature, self._method_name_check)
         examples = classify_regress.serialized_examples(request_input, self.max_decoded_bytes)
         metrics.record_examples(target.model, len(examples))
+        if tracing.enabled:
+            tracing.annotate(target.model, target.version, key, len(examples))
         started = time.perf_counter()
         arrays = target.servable.run(key, {classify_regress.INPUTS: examples}, aliases, timeout_ms)
         _record_runtime(target, api, started)
@@ -215,6 +219,8 @@ class DataPlane:
             runs.append((key, method, _EXAMPLE_CHECKS[method](signature, self._method_name_check)))
         examples = classify_regress.serialized_examples(request_input, self.max_decoded_bytes)
         metrics.record_examples(target.model, len(examples))
+        if tracing.enabled:
+            tracing.annotate(target.model, target.version, ",".join(key for key, _, _ in runs), len(examples))
         started = time.perf_counter()
         outputs = target.servable.run_multi(
             [(key, aliases) for key, _, aliases in runs], {classify_regress.INPUTS: examples}, timeout_ms
@@ -240,6 +246,12 @@ def _record_runtime(target: Target, api: str, started: float) -> None:
     metrics.RUNTIME_LATENCY.observe(
         target.model, api, target.servable.runtime, value=(time.perf_counter() - started) * 1e6
     )
+
+
+def _rows(inputs: dict[str, np.ndarray]) -> int | None:
+    """A predict call's batch size: its inputs' first dimension (None: no input, or a scalar one)."""
+    first = next(iter(inputs.values()), None)
+    return first.shape[0] if first is not None and first.ndim else None
 
 
 def _complete_inputs(signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from pyserving import metrics, tensors
+from pyserving import metrics, tensors, tracing
 from pyserving.concurrency import INLINE_BYTES, run_sized, run_sync
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
 from pyserving.protocols.tfs.protos import effective_spec, model_spec, predict_response_bytes, version_status
@@ -45,6 +45,7 @@ log = logging.getLogger("pyserving")
 
 SIGNATURE_DEF_FIELD = "signature_def"
 T = TypeVar("T")
+_PREDICTION_SERVICE = "tensorflow.serving.PredictionService"  # a traced call's rpc.service
 
 
 async def _unary(
@@ -53,16 +54,22 @@ async def _unary(
     context: grpc.aio.ServicerContext,
     api: str = "",
     dataplane: DataPlane | None = None,
+    traced: str = "",
 ) -> T:
     """Await a handler's `work` on `request`; a ServingError becomes the RPC status.
 
     With `api` (Predict, Classify, Regress) and `dataplane` the call counts in request_count
     (a model that is not configured under one shared label) and, when it succeeds,
-    request_latency, as in TF Serving.
+    request_latency, as in TF Serving. Those and `traced` (MultiInference, which has no request
+    metrics) get a tracing span named after the method.
     """
     started = time.perf_counter()
     code = Code.OK
     try:
+        if (traced or api) and tracing.enabled:
+            metadata = context.invocation_metadata()
+            with tracing.grpc_span(traced or api, metadata, _PREDICTION_SERVICE, _model_name(request)):
+                return await work
         return await work
     except ServingError as exc:
         code = exc.code
@@ -81,6 +88,13 @@ async def _unary(
                 metrics.REQUEST_LATENCY.observe(model, api, "GRPC", value=(time.perf_counter() - started) * 1e6)
             else:
                 metrics.REQUEST_COUNT.inc(dataplane.metric_label(model), code.name)
+
+
+def _model_name(request: Any) -> str:
+    """The model an inference request names (a MultiInference request: its first task's)."""
+    if isinstance(request, inference_pb2.MultiInferenceRequest):
+        return request.tasks[0].model_spec.name if request.tasks else ""
+    return str(request.model_spec.name)
 
 
 def _spec(request: Any) -> ModelSpec:
@@ -185,7 +199,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: inference_pb2.MultiInferenceRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.MultiInferenceResponse:
         timeout_ms = session_timeout_ms(context.time_remaining())
-        return await _unary(run_sync(self._pool, self._multi_inference, request, timeout_ms), request, context)
+        return await _unary(
+            run_sync(self._pool, self._multi_inference, request, timeout_ms), request, context, traced="MultiInference"
+        )
 
     def _multi_inference(
         self, request: inference_pb2.MultiInferenceRequest, timeout_ms: int
@@ -253,16 +269,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto())
 
 
-def services(
-    dataplane: DataPlane,
-    pool: ThreadPoolExecutor,
-    tensor_content: bool,
-    reload_config: Callable[[model_server_config_pb2.ModelServerConfig], None],
-) -> list[Service]:
+def services(prediction: PredictionService, model: ModelService) -> list[Service]:
     """PredictionService and ModelService, to mount on the gRPC transport."""
-    prediction = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
-    model = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
     return [
-        unary_service(PredictionService(dataplane, pool, tensor_content), prediction),
-        unary_service(ModelService(dataplane, pool, reload_config), model),
+        unary_service(prediction, prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]),
+        unary_service(model, model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]),
     ]

@@ -26,7 +26,7 @@ import numpy as np
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2
 
-from pyserving import metrics, tensors
+from pyserving import metrics, tensors, tracing
 from pyserving.concurrency import run_sized, run_sync
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
 from pyserving.protocols.tfs.json import examples, predict_request, predict_response
@@ -43,6 +43,11 @@ PREFIX = "/v1/"  # mounted case-insensitively, as TF Serving matches it
 _POST = re.compile(r"(?i)/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)")
 _GET = re.compile(r"(?i)/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?")
 _ORIGIN = re.compile(r"https?://.*")
+# A traced call's http.route: its route template (one per verb, version or label optional).
+_ROUTES = {
+    verb: f"/v1/models/{{model_name}}[/versions/{{version}}|/labels/{{label}}]:{verb}"
+    for verb in ("predict", "classify", "regress")
+}
 # TF Serving's limit on a gunzipped request body.
 MAX_UNCOMPRESSED_BYTES = 100 * 1024 * 1024
 _MAX_VERSION = 2**63 - 1
@@ -106,16 +111,20 @@ class RestApi:
         except ServingError as exc:
             await http.respond(send, exc.http_status, encode_error(exc.message), self._json_headers)
             return
-        status, payload = await self._handle(method, http.request_target(scope), body)
+        status, payload = await self._handle(method, http.request_target(scope), body, scope)
         await http.respond(send, status, payload, self._json_headers)
 
-    async def _handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
-        """Route and run one request; records request_count and request_latency."""
+    async def _handle(self, method: str, path: str, body: bytes, scope: http.Scope) -> tuple[int, bytes]:
+        """Route and run one request; records request_count and request_latency, and its tracing span."""
         started = time.perf_counter()
         model, api, code = "", "", Code.OK
         try:
             model, api, run = self._route(method, path)
-            status, payload = 200, await run(body)
+            if api and tracing.enabled:  # predict, classify, regress
+                with tracing.rest_span(api.capitalize(), scope["headers"], _ROUTES[api], model):
+                    status, payload = 200, await run(body)
+            else:
+                status, payload = 200, await run(body)
         except _EmptyBodyError:
             code, status, payload = Code.INVALID_ARGUMENT, 400, b""
         except ServingError as exc:

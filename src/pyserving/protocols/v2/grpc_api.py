@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 import grpc
 from tritonclient.grpc import service_pb2
 
-from pyserving import metrics
+from pyserving import metrics, tracing
 from pyserving.concurrency import run_sized, run_sync
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
 from pyserving.protocols.v2 import datatypes
-from pyserving.protocols.v2.inference import Inference, InputTensor, model_spec
+from pyserving.protocols.v2.inference import INFER_SPAN, Inference, InputTensor, model_spec
 from pyserving.serving import PredictResult
 from pyserving.transports.grpc import Service, session_timeout_ms, unary_service
 
@@ -30,6 +30,7 @@ __all__ = ["InferenceService", "services"]
 
 log = logging.getLogger("pyserving")
 T = TypeVar("T")
+_SERVICE = "inference.GRPCInferenceService"  # a traced call's rpc.service
 
 # The typed contents field of each datatype (FP16 and BF16 have none: raw only).
 _CONTENTS = {
@@ -48,8 +49,8 @@ _CONTENTS = {
 }
 
 
-def services(inference: Inference) -> list[Service]:
-    return [unary_service(InferenceService(inference), service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])]
+def services(servicer: InferenceService) -> list[Service]:
+    return [unary_service(servicer, service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])]
 
 
 async def _answer(work: Awaitable[T], context: grpc.aio.ServicerContext, what: str) -> T:
@@ -115,6 +116,10 @@ class InferenceService:
         started = time.perf_counter()
         code = Code.OK
         try:
+            if tracing.enabled:
+                metadata = context.invocation_metadata()
+                with tracing.grpc_span(INFER_SPAN, metadata, _SERVICE, request.model_name, method="ModelInfer"):
+                    return await self._infer(request, session_timeout_ms(context.time_remaining()))
             return await self._infer(request, session_timeout_ms(context.time_remaining()))
         except ServingError as exc:
             code = exc.code

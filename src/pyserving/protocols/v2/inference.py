@@ -28,6 +28,7 @@ from pyserving.serving import DataPlane, ModelSpec, PredictResult
 
 __all__ = [
     "EXTENSIONS",
+    "INFER_SPAN",
     "SIGNATURE_PARAMETER",
     "InputTensor",
     "Inference",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 SIGNATURE_PARAMETER = "signature_name"
+INFER_SPAN = "v2.infer"  # the tracing span of an infer call, over REST or gRPC
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _MAX_VERSION = 2**63 - 1
 # The repository index's states, as Triton names them.

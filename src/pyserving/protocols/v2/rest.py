@@ -24,11 +24,11 @@ from typing import Any
 
 import orjson
 
-from pyserving import metrics
+from pyserving import metrics, tracing
 from pyserving.concurrency import run_sized, run_sync
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument, not_found
 from pyserving.protocols.v2 import datatypes
-from pyserving.protocols.v2.inference import Inference, InputTensor, model_spec
+from pyserving.protocols.v2.inference import INFER_SPAN, Inference, InputTensor, model_spec
 from pyserving.serving import PredictResult
 from pyserving.transports import http
 
@@ -44,6 +44,7 @@ _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
 _CLOSE = [(b"connection", b"close")]
 _OK_EMPTY = b"{}"
+_INFER_ROUTE = "/v2/models/{model_name}[/versions/{model_version}]/infer"  # a traced call's http.route
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,14 @@ class V2RestApi:
         started = time.perf_counter()
         code = Code.OK
         try:
-            request = await run_sized(self._pool, len(body), _parse_infer, body, http.header(scope, HEADER_LENGTH))
-            spec = model_spec(name, version, request.parameters)
-            result = await self._inference.infer(
-                spec, request.inputs, request.outputs, len(body), self._settings.timeout_ms
-            )
-            size = sum(array.nbytes for array in result.outputs.values())
-            payload, header_length = await run_sized(self._pool, size, _encode_infer, result, request)
+            with tracing.rest_span(INFER_SPAN, scope["headers"], _INFER_ROUTE, name):
+                request = await run_sized(self._pool, len(body), _parse_infer, body, http.header(scope, HEADER_LENGTH))
+                spec = model_spec(name, version, request.parameters)
+                result = await self._inference.infer(
+                    spec, request.inputs, request.outputs, len(body), self._settings.timeout_ms
+                )
+                size = sum(array.nbytes for array in result.outputs.values())
+                payload, header_length = await run_sized(self._pool, size, _encode_infer, result, request)
         except ServingError as exc:
             code = exc.code
             raise
