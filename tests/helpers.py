@@ -138,6 +138,12 @@ class Server:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def logged_at(self, text: str) -> float:
+        """When (epoch seconds) the server logged its one line holding `text`, from the line's own stamp
+        (`YYYY-MM-DD HH:MM:SS.mmm: `, local time): exact, where polling the log would see it late."""
+        [line] = [line for line in self.output().splitlines() if text in line]
+        return datetime.datetime.strptime(line.split(": ")[0], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

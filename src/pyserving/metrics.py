@@ -106,9 +106,7 @@ class _Histogram:
     def observe(self, *label_values: str, value: float) -> None:
         index = bisect.bisect_left(self._bounds, value)
         with self._lock:
-            series = self._series.get(label_values)
-            if series is None:
-                series = self._series[label_values] = [0] * (len(self._bounds) + 1) + [0.0]
+            series = self._series_of(label_values)
             series[index] += 1
             series[-1] += value
 
@@ -116,12 +114,17 @@ class _Histogram:
         """`observe` for several values of one series, under one lock."""
         indexes = [(bisect.bisect_left(self._bounds, value), value) for value in values]
         with self._lock:
-            series = self._series.get(label_values)
-            if series is None:
-                series = self._series[label_values] = [0] * (len(self._bounds) + 1) + [0.0]
+            series = self._series_of(label_values)
             for index, value in indexes:
                 series[index] += 1
                 series[-1] += value
+
+    def _series_of(self, label_values: tuple[str, ...]) -> list:
+        """The series of these label values, created empty the first time (hold the lock)."""
+        series = self._series.get(label_values)
+        if series is None:
+            series = self._series[label_values] = [0] * (len(self._bounds) + 1) + [0.0]
+        return series
 
     def render(self) -> bytes:
         family = HistogramMetricFamily(self.name, self._help, labels=list(self._labels))

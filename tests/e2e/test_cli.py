@@ -44,10 +44,10 @@ def test_pyserving_help_also_lists_the_tools_and_each_tool_describes_itself():
 def test_usage_lists_every_tensorflow_model_server_flag():
     usage = run_cli("--help", program="tensorflow_model_server").stdout
     names = [line.split("=", 1)[0].strip().lstrip("-") for line in usage.splitlines()[2:]]
-    # TF Serving's 48 flags plus pyserving's 16 (host, drain delay, grace, body and head limits, decoded tensor
+    # TF Serving's 48 flags plus pyserving's 18 (host, drain delay, grace, body and head limits, decoded tensor
     # limit, read timeout, TLS, custom op libraries and modules, model platform, Python processing, its threads
-    # and its timeout, the object-store model cache)
-    assert len(names) == 64
+    # and its timeout, the object-store model cache, the extra metrics path, tracing)
+    assert len(names) == 66
     for name in (
         "grpc_socket_path",
         "rest_api_timeout_in_ms",
@@ -59,6 +59,8 @@ def test_usage_lists_every_tensorflow_model_server_flag():
         "enable_serialization_as_tensor_content",
         "skip_initialize_tpu",
         "mixed_precision",
+        "metrics_path",
+        "enable_tracing",
     ):
         assert name in names
 

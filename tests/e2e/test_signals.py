@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import signal
 import threading
 import time
@@ -88,9 +87,7 @@ def test_sigterm_keeps_serving_through_the_drain_delay(start_server):
         senders.stop()
     log = server.output()
     assert "closing the listeners in 2 s" in log
-    [closing] = [line for line in log.splitlines() if "Closing the listeners" in line]
-    stamp = datetime.datetime.strptime(closing.split(": ")[0], "%Y-%m-%d %H:%M:%S.%f")
-    closed = stamp.timestamp()  # the server logs this line just before it closes the listeners
+    closed = server.logged_at("Closing the listeners")  # logged just before it closes the listeners
     assert signalled + 1.9 < closed < exited
 
     during_delay = [r for r in senders.results if signalled + 0.1 < r[1] < signalled + 1.8]

@@ -360,11 +360,10 @@ class Batcher:
         """Each task's outputs, or the exception they all get."""
         options = queue.options
         started = time.monotonic()
-        for task in batch:
-            metrics.BATCH_QUEUING_LATENCY.observe(options.thread_pool_name, value=(started - task.enqueued) * 1e6)
-        metrics.BATCH_QUEUE_SECONDS.observe_many(
-            queue.servable.model_name, values=[started - task.enqueued for task in batch]
-        )
+        waits = [started - task.enqueued for task in batch]
+        for wait in waits:
+            metrics.BATCH_QUEUING_LATENCY.observe(options.thread_pool_name, value=wait * 1e6)
+        metrics.BATCH_QUEUE_SECONDS.observe_many(queue.servable.model_name, values=waits)
         rows = sum(task.rows for task in batch)
         size = rows
         if options.allowed_batch_sizes:

@@ -64,30 +64,36 @@ async def _unary(
     metrics) get a tracing span named after the method.
     """
     started = time.perf_counter()
-    code = Code.OK
     try:
         if (traced or api) and tracing.enabled:
             metadata = context.invocation_metadata()
             with tracing.grpc_span(traced or api, metadata, _PREDICTION_SERVICE, _model_name(request)):
-                return await work
-        return await work
+                result = await work
+        else:
+            result = await work
     except ServingError as exc:
-        code = exc.code
+        _count(request, api, dataplane, exc.code, started)  # before the status leaves (a client may scrape next)
         await context.abort(exc.grpc_code, exc.grpc_message)
         raise  # abort raises; this keeps the type checker informed
     except Exception:  # a bug: logged once with its traceback; the client sees no Python details
-        code = Code.INTERNAL
+        _count(request, api, dataplane, Code.INTERNAL, started)
         log.exception("Unexpected error handling %s", api or type(request).__name__)
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
         raise
-    finally:
-        if api and dataplane is not None:
-            model = request.model_spec.name
-            if code == Code.OK:  # a configured model answered
-                metrics.REQUEST_COUNT.inc(model, code.name)
-                metrics.REQUEST_LATENCY.observe(model, api, "GRPC", value=(time.perf_counter() - started) * 1e6)
-            else:
-                metrics.REQUEST_COUNT.inc(dataplane.metric_label(model), code.name)
+    _count(request, api, dataplane, Code.OK, started)
+    return result
+
+
+def _count(request: Any, api: str, dataplane: DataPlane | None, code: Code, started: float) -> None:
+    """request_count (and, for an answer, request_latency) of an `api` call."""
+    if not api or dataplane is None:
+        return
+    model = request.model_spec.name
+    if code == Code.OK:  # a configured model answered
+        metrics.REQUEST_COUNT.inc(model, code.name)
+        metrics.REQUEST_LATENCY.observe(model, api, "GRPC", value=(time.perf_counter() - started) * 1e6)
+    else:
+        metrics.REQUEST_COUNT.inc(dataplane.metric_label(model), code.name)
 
 
 def _model_name(request: Any) -> str:

@@ -114,29 +114,31 @@ class InferenceService:
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         started = time.perf_counter()
-        code = Code.OK
         try:
             if tracing.enabled:
                 metadata = context.invocation_metadata()
                 with tracing.grpc_span(INFER_SPAN, metadata, _SERVICE, request.model_name, method="ModelInfer"):
-                    return await self._infer(request, session_timeout_ms(context.time_remaining()))
-            return await self._infer(request, session_timeout_ms(context.time_remaining()))
+                    result = await self._infer(request, session_timeout_ms(context.time_remaining()))
+            else:
+                result = await self._infer(request, session_timeout_ms(context.time_remaining()))
         except ServingError as exc:
-            code = exc.code
+            self._count(request.model_name, exc.code, started)  # before the status leaves (a client may scrape next)
             await context.abort(exc.grpc_code, exc.grpc_message)
             raise
         except Exception:
-            code = Code.INTERNAL
+            self._count(request.model_name, Code.INTERNAL, started)
             log.exception("Unexpected error handling ModelInfer")
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
             raise
-        finally:
-            name = request.model_name
-            if code == Code.OK:
-                metrics.REQUEST_COUNT.inc(name, code.name)
-                metrics.REQUEST_LATENCY.observe(name, "infer", "GRPC", value=(time.perf_counter() - started) * 1e6)
-            else:
-                metrics.REQUEST_COUNT.inc(self._inference.metric_label(name), code.name)
+        self._count(request.model_name, Code.OK, started)
+        return result
+
+    def _count(self, name: str, code: Code, started: float) -> None:
+        if code == Code.OK:
+            metrics.REQUEST_COUNT.inc(name, code.name)
+            metrics.REQUEST_LATENCY.observe(name, "infer", "GRPC", value=(time.perf_counter() - started) * 1e6)
+        else:
+            metrics.REQUEST_COUNT.inc(self._inference.metric_label(name), code.name)
 
     async def _infer(self, request: Any, timeout_ms: int) -> Any:
         spec = model_spec(request.model_name, request.model_version, _parameters(request.parameters))
