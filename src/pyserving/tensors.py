@@ -23,6 +23,8 @@ __all__ = [
     "decode",
     "decoded_nbytes",
     "dtype_of",
+    "encode_proto",
+    "length_delimited",
     "numpy_dtype",
     "to_ndarray",
     "to_ndarrays",
@@ -208,7 +210,7 @@ def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.Tens
     elif tensor_content:
         proto.tensor_content = _little_endian_bytes(array)
     elif dtype in _PACKED_FIELDS:
-        proto.MergeFromString(_packed_field(_PACKED_FIELDS[dtype], _little_endian_bytes(array)))
+        proto.MergeFromString(length_delimited(_PACKED_FIELDS[dtype], _little_endian_bytes(array)))
     elif dtype in _HALF_BITS:
         proto.half_val.extend(array.ravel().view(np.uint16).tolist())
     elif dtype in _COMPLEX:
@@ -216,6 +218,39 @@ def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.Tens
     else:
         getattr(proto, _DTYPES[dtype][1]).extend(array.ravel().tolist())
     return proto
+
+
+def encode_proto(array: np.ndarray, tensor_content: bool = False) -> bytes:
+    """`to_proto(array, tensor_content).SerializeToString()`, written directly when the values go out in one
+    piece (tensor_content, or float_val/double_val packed): no message is built, which was most of a small
+    gRPC response's cost."""
+    dtype = dtype_of(array)
+    if dtype == types_pb2.DT_STRING or not (tensor_content or dtype in _PACKED_FIELDS):
+        return to_proto(array, tensor_content).SerializeToString()
+    dims = b"".join(_DIM_BYTES[size] if size < len(_DIM_BYTES) else _dim_bytes(size) for size in array.shape)
+    data = _little_endian_bytes(array)
+    field = _TENSOR_CONTENT if tensor_content else _PACKED_FIELDS[dtype]
+    header = _varint(field << 3 | _LENGTH_DELIMITED) + _varint(len(data)) if data else b""
+    return b"".join((_DTYPE_BYTES[dtype], length_delimited(_TENSOR_SHAPE, dims), header, data))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(number: int, data: bytes) -> bytes:
+    """Protobuf's encoding of a length-delimited field (a message, bytes, packed values): tag, length, data."""
+    return _varint(number << 3 | _LENGTH_DELIMITED) + _varint(len(data)) + data
+
+
+def _dim_bytes(size: int) -> bytes:
+    """One TensorShapeProto.Dim entry of `size` (a zero size is an empty message, as protobuf omits it)."""
+    return length_delimited(_DIM, (_varint(_DIM_SIZE << 3) + _varint(size)) if size else b"")
 
 
 # The protobuf field numbers of float_val and double_val. Their packed wire encoding is the raw
@@ -233,16 +268,14 @@ def _little_endian_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def _packed_field(number: int, data: bytes) -> bytes:
-    """A packed repeated fixed-width field as protobuf encodes it: tag, varint byte length, values."""
-    header = bytearray([number << 3 | _LENGTH_DELIMITED])
-    size = len(data)
-    while size > 0x7F:
-        header.append(size & 0x7F | 0x80)
-        size >>= 7
-    header.append(size)
-    return bytes(header) + data
-
-
 def _as_bytes(value: object) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
+
+
+_TENSOR_SHAPE = tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name["tensor_shape"].number
+_TENSOR_CONTENT = tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name["tensor_content"].number
+_DIM = tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name["tensor_shape"].message_type.fields_by_name["dim"].number
+_DIM_SIZE = 1  # TensorShapeProto.Dim.size
+_DTYPE_FIELD = tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name["dtype"].number
+_DTYPE_BYTES = {dtype: _varint(_DTYPE_FIELD << 3) + _varint(dtype) for dtype in _DTYPES}
+_DIM_BYTES = [_dim_bytes(size) for size in range(128)]  # the common sizes, encoded once

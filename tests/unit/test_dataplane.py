@@ -14,6 +14,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import input_pb2, predict_pb2
 
 from pyserving import metrics
+from pyserving.concurrency import _run_into
 from pyserving.errors import Code, ServingError
 from pyserving.lifecycle.loader import LoaderChain
 from pyserving.lifecycle.manager import ModelManager, RetryPolicy, VersionSpec
@@ -110,14 +111,17 @@ def test_loader_chain_loads_by_platform_and_wraps_for_batching(tmp_path):
 
 
 class _RecordingPool(ThreadPoolExecutor):
-    """A worker pool that records what it was given to run."""
+    """A worker pool that records what it was given to run (the function `run_sync` hands its worker)."""
 
     def __init__(self) -> None:
         super().__init__(max_workers=1)
         self.ran: list[str] = []
 
     def submit(self, fn, /, *args, **kwargs):
-        ran = args[0] if isinstance(getattr(fn, "__self__", None), contextvars.Context) else fn  # run_sync's wrapper
+        called, called_args = fn, args
+        if isinstance(getattr(fn, "__self__", None), contextvars.Context):  # run_sync's wrappers:
+            called, *called_args = args  # Context.run(_run_into, loop, future, fn, args)
+        ran = called_args[2] if called is _run_into else called
         self.ran.append(getattr(ran, "__name__", repr(ran)))
         return super().submit(fn, *args, **kwargs)
 
@@ -139,10 +143,14 @@ def test_grpc_predict_expands_compact_tensors_off_the_event_loop(dataplane):
     dataplane.max_decoded_bytes = 2**30
     service = PredictionService(dataplane, pool, tensor_content=False)
     with pool:
-        small = asyncio.run(service._predict(_grpc_request((2,), [1.0, 2.0]), 0))
+        small = predict_pb2.PredictResponse.FromString(
+            asyncio.run(service._predict(_grpc_request((2,), [1.0, 2.0]), 0))
+        )
         assert (small.outputs["y"].float_val, pool.ran) == ([2.0, 4.0], ["run"])  # only the servable's run
         pool.ran.clear()
-        compact = asyncio.run(service._predict(_grpc_request((1_000_000,), [1.5]), 0))
+        compact = predict_pb2.PredictResponse.FromString(
+            asyncio.run(service._predict(_grpc_request((1_000_000,), [1.5]), 0))
+        )
         assert pool.ran[0] == "decode"
         assert compact.outputs["y"].tensor_shape.dim[0].size == 1_000_000
 

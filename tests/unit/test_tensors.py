@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -130,3 +131,41 @@ def test_a_tensor_no_process_could_allocate_is_a_parsing_error_before_the_limit(
     with pytest.raises(ServingError) as info:
         tensors.to_ndarrays({"x": proto}, max_bytes=2**31)
     assert info.value.message == "tensor parsing error: x"
+
+
+_ENCODED = [
+    np.arange(6, dtype=np.float32).reshape(2, 3),
+    np.array([1.5, -2.0]),
+    np.array([[1, 2]], np.int32),
+    np.array([3, -(2**40)], np.int64),
+    np.array([200], np.uint8),
+    np.array([True, False]),
+    np.array([1.5], np.float16),
+    np.array([1.5], ml_dtypes.bfloat16),
+    np.array([1 + 2j], np.complex128),
+    np.array([b"a", b"\xff"], dtype=object),
+    np.float32(2.0).reshape(()),
+    np.zeros((0, 3), np.float32),  # no values: no value field at all
+    np.zeros((3, 0), np.float64),
+    np.ones((1, 128, 300), np.float32),  # dims past the table of encoded sizes, a 2-byte varint length
+    np.arange(40_000, dtype=np.float64),  # a 3-byte varint length
+    np.array([-7], np.int8).reshape(1, 1, 1),
+    np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),  # not C-contiguous
+    np.arange(10, dtype=np.float32)[::2],  # a strided view
+]
+
+
+@pytest.mark.parametrize("array", _ENCODED, ids=lambda a: f"{a.dtype}{list(a.shape)}")
+@pytest.mark.parametrize("tensor_content", [False, True])
+def test_encode_proto_is_byte_for_byte_the_messages_serialization(array, tensor_content):
+    expected = tensors.to_proto(array, tensor_content).SerializeToString()
+    assert tensors.encode_proto(array, tensor_content) == expected
+    assert tensor_pb2.TensorProto.FromString(expected) == tensors.to_proto(array, tensor_content)
+
+
+def test_encode_proto_refuses_what_to_proto_refuses():
+    array = np.array(["2026-01-01"], dtype="datetime64[D]")
+    for encode in (tensors.to_proto, tensors.encode_proto):
+        with pytest.raises(ServingError) as info:
+            encode(array)
+        assert info.value.message == "Unsupported tensor dtype: datetime64[D]"

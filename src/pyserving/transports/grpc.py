@@ -4,7 +4,7 @@ A protocol contributes a `Service`: a function that adds its handlers to the
 server. `unary_service` builds one from a servicer object and the service's
 descriptor, like the generated `add_*_to_server`, except that request bytes
 that do not parse answer INVALID_ARGUMENT (gRPC's own deserializer would answer
-UNKNOWN).
+UNKNOWN), and a handler may answer its response already serialized (bytes).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def unary_service(servicer: object, service: descriptor.ServiceDescriptor) -> Se
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _reject_unparsable(getattr(servicer, method.name)),
             request_deserializer=functools.partial(_parse, request_class),
-            response_serializer=response_class.SerializeToString,
+            response_serializer=functools.partial(_serialize, response_class.SerializeToString),
         )
     handler = grpc.method_handlers_generic_handler(service.full_name, handlers)
     return lambda server: server.add_generic_rpc_handlers((handler,))
@@ -125,6 +125,12 @@ def _parse(request_class: type[message.Message], data: bytes) -> Any:
         return request_class.FromString(data)
     except message.DecodeError:
         return _Unparsable(request_class.DESCRIPTOR.full_name)
+
+
+def _serialize(serialize: Callable[[Any], bytes], response: Any) -> bytes:
+    """A response message's bytes; a handler may also answer the serialized message itself (built
+    without the message, see protocols.tfs.protos.predict_response_bytes)."""
+    return response if type(response) is bytes else serialize(response)
 
 
 def _reject_unparsable(

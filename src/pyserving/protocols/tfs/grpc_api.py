@@ -34,7 +34,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from pyserving import metrics, tensors, tracing
 from pyserving.concurrency import INLINE_BYTES, run_sized, run_sync
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
-from pyserving.protocols.tfs.protos import effective_spec, model_spec, version_status
+from pyserving.protocols.tfs.protos import effective_spec, model_spec, predict_response_bytes, version_status
 from pyserving.runtimes.servable import CLASSIFY_METHOD
 from pyserving.serving import DataPlane, ModelSpec, PredictResult
 from pyserving.transports.grpc import Service, session_timeout_ms, unary_service
@@ -117,12 +117,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def Predict(  # noqa: N802 (gRPC method name)
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> predict_pb2.PredictResponse:
+    ) -> bytes:
         timeout_ms = session_timeout_ms(context.time_remaining())
         return await _unary(self._predict(request, timeout_ms), request, context, "Predict", self._dataplane)
 
-    async def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> predict_pb2.PredictResponse:
-        """The hot path: tensors converted inline when small, the session call off the loop."""
+    async def _predict(self, request: predict_pb2.PredictRequest, timeout_ms: int) -> bytes:
+        """The hot path: tensors converted inline when small, the session call off the loop; the answer is
+        the serialized PredictResponse, written directly (`predict_response_bytes`)."""
         spec = _spec(request)
         if request.ByteSize() > INLINE_BYTES:
             inputs = await run_sync(self._pool, tensors.to_ndarrays, request.inputs, self._dataplane.max_decoded_bytes)
@@ -136,13 +137,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         size = sum(array.nbytes for array in result.outputs.values())
         return await run_sized(self._pool, size, self._predict_response, result)
 
-    def _predict_response(self, result: PredictResult) -> predict_pb2.PredictResponse:
-        response = predict_pb2.PredictResponse(
-            model_spec=effective_spec(result.model, result.version, result.signature_name)
+    def _predict_response(self, result: PredictResult) -> bytes:
+        return predict_response_bytes(
+            result.model, result.version, result.signature_name, result.outputs, self._tensor_content
         )
-        for alias, array in result.outputs.items():
-            response.outputs[alias].CopyFrom(tensors.to_proto(array, self._tensor_content))
-        return response
 
     async def GetModelMetadata(  # noqa: N802
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
