@@ -131,6 +131,28 @@ def test_a_reload_is_seen_at_once_by_every_worker(start_server):
     assert r.json() == {"ready": True, "models": {"a": "AVAILABLE", "b": "AVAILABLE"}}
 
 
+def test_a_refused_model_name_costs_the_model_process_nothing_until_the_models_change(start_server):
+    server = _start(start_server, "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
+    unknown = "/v1/models/nope:predict"
+    for _ in range(20):  # new connections: both workers meet the refusal once
+        r = post(server.rest + unknown, {"instances": [1.0]})
+        assert (r.status_code, r.json()) == (404, {"error": "Servable not found for request: Latest(nope)"})
+    model = _children(server.proc.pid)["model"]
+    os.kill(model, signal.SIGSTOP)  # a round trip now would wait for the model process
+    try:
+        for _ in range(10):
+            started = time.monotonic()
+            r = post(server.rest + unknown, {"instances": [1.0]})
+            assert (r.status_code, time.monotonic() - started < 2.0) == (404, True)
+    finally:
+        os.kill(model, signal.SIGCONT)
+    with grpc.insecure_channel(server.grpc) as channel:  # the model appears: no worker may keep refusing it
+        reload(channel, {"name": "half_plus_two", "path": HALF_PLUS_TWO}, {"name": "nope", "path": HALF_PLUS_TWO})
+    for _ in range(10):
+        r = post(server.rest + unknown, {"instances": [1.0]})
+        assert (r.status_code, r.json()) == (200, {"predictions": [2.5]})
+
+
 def test_a_dead_worker_is_restarted_and_the_model_process_keeps_serving(start_server):
     server = _start(start_server, "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
     children = _children(server.proc.pid)

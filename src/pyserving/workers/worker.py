@@ -277,6 +277,9 @@ class RemoteDataPlane(DataPlane):
         self._generation = wire.Generation(os.path.join(run_dir, GENERATION_FILE), create=False)
         self._seen = -1  # the generation the caches below belong to
         self._targets: dict[tuple[str, int | None, str | None], tuple[int, str, _Signatures]] = {}
+        # The model process's refusals (unknown model, version or label), so that a client repeating one
+        # costs no round trip on the loop: bounded, since the names are the client's.
+        self._refusals: dict[tuple[str, int | None, str | None], tuple[Code, str]] = {}
         self._signatures: dict[tuple[str, int], _Signatures] = {}
         self._known: frozenset[str] | None = None
         self._ready: tuple[bool, dict[str, str]] | None = None
@@ -285,6 +288,7 @@ class RemoteDataPlane(DataPlane):
         generation = self._generation.read()
         if generation != self._seen:
             self._targets, self._signatures, self._known, self._ready = {}, {}, None, None
+            self._refusals = {}
             self._seen = generation
 
     def resolve(self, spec: ModelSpec) -> Target:
@@ -292,7 +296,15 @@ class RemoteDataPlane(DataPlane):
         key = (spec.name, spec.version, spec.label)
         entry = self._targets.get(key)
         if entry is None:
-            version, platform, serialized = self._blocking.call("resolve", spec.name, spec.version, spec.label)
+            refusal = self._refusals.get(key)
+            if refusal is not None:
+                raise ServingError(*refusal)
+            try:
+                version, platform, serialized = self._blocking.call("resolve", spec.name, spec.version, spec.label)
+            except ServingError as exc:
+                if exc.code != Code.UNAVAILABLE and _cacheable(key, len(self._refusals)):
+                    self._refusals[key] = (exc.code, exc.message)
+                raise
             signatures = self._signatures.get((spec.name, version))
             if signatures is None:
                 signatures = _Signatures({k: _signature_def(v) for k, v in serialized.items()})
@@ -432,6 +444,15 @@ class RemoteCore(ServerCore):
 
     def stop(self) -> None:
         self._channel.close()
+
+
+_MAX_REFUSALS = 1024
+_MAX_REFUSAL_NAME = 1024  # characters of model name and label together
+
+
+def _cacheable(key: tuple[str, int | None, str | None], cached: int) -> bool:
+    """Whether a refusal may be kept: the cache is bounded in entries and each entry in size."""
+    return cached < _MAX_REFUSALS and len(key[0]) + len(key[2] or "") <= _MAX_REFUSAL_NAME
 
 
 def _signature_def(serialized: bytes) -> meta_graph_pb2.SignatureDef:
