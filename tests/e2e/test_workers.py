@@ -172,6 +172,22 @@ def test_a_dead_worker_is_restarted_and_the_model_process_keeps_serving(start_se
     assert server.proc.poll() is None
 
 
+def test_the_unix_socket_is_worker_0s_and_comes_back_with_it(start_server, tmp_path):
+    path = tmp_path / "grpc.sock"
+    server = _start(
+        start_server, "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}", f"--grpc_socket_path={path}"
+    )
+    assert server.output().count(f"Running gRPC ModelServer at UNIX socket {path}") == 1
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        assert list(grpc_predict(channel, "half_plus_two", (1.0,)).outputs["y"].float_val) == [2.5]
+    first = _children(server.proc.pid)["worker 0"]
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: server.output().count("NET_LOG: Entering the event loop") == 3, 60, "worker 0 again")
+    assert server.output().count(f"Running gRPC ModelServer at UNIX socket {path}") == 2
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        assert list(grpc_predict(channel, "half_plus_two", (1.0,)).outputs["y"].float_val) == [2.5]
+
+
 def test_the_model_process_dying_stops_the_server(start_server):
     server = _start(start_server, "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
     children = _children(server.proc.pid)

@@ -62,6 +62,8 @@ def serve(options: Options, run_dir: str, index: int) -> int:
 
     # The profiler service traces TensorFlow where it runs: a worker forwards its calls to the model process.
     profile, options.enable_profiler = options.enable_profiler, False
+    if index != 0:  # a Unix socket path has one listener: worker 0's (bound again when it restarts)
+        options.grpc_socket_path = ""
 
     async def main() -> None:
         channel = await _AsyncChannel.open(run_dir, index)
