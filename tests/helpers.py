@@ -147,9 +147,10 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def logged_at(self, text: str) -> float:
-        """When (epoch seconds) the server logged its one line holding `text`, from the line's own stamp
-        (`YYYY-MM-DD HH:MM:SS.mmm: `, local time): exact, where polling the log would see it late."""
-        [line] = [line for line in self.output().splitlines() if text in line]
+        """When (epoch seconds) the server first logged a line holding `text`, from the line's own stamp
+        (`YYYY-MM-DD HH:MM:SS.mmm: `, local time): exact, where polling the log would see it late. With
+        `--num_workers`, each worker logs its own line: the first is the earliest."""
+        line = next(line for line in self.output().splitlines() if text in line)
         return datetime.datetime.strptime(line.split(": ")[0], "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
     def stop(self) -> int:
