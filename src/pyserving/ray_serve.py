@@ -111,10 +111,24 @@ def _rpc(service: str, method: str) -> Callable[[Any, Any, RayServegRPCContext],
 
     async def call(self: Any, request: Any, grpc_context: RayServegRPCContext) -> Any:
         servicer = getattr(self._servicers, service)
-        return await getattr(servicer, method)(request, _Context(grpc_context))
+        response = await getattr(servicer, method)(request, _Context(grpc_context))
+        return _Serialized(response) if type(response) is bytes else response
 
     call.__name__ = method
     return call
+
+
+class _Serialized:
+    """A response the servicer answered already serialized (Predict: `protos.predict_response_bytes`); Ray's
+    proxy only calls `SerializeToString` on what a method returns."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (the protobuf method Ray calls)
+        return self._data
 
 
 class _ReplicaHeader:
