@@ -339,6 +339,15 @@ def server_rss_mib(server) -> float:
     return rss_mib(server.proc.pid) + sum(rss_mib(pid) for pid in children)
 
 
+def bad_model_start_error() -> str:
+    """What a server prints when MODELS/bad_half_plus_two, its only model, fails to load (TF Serving's text)."""
+    return (
+        "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: "
+        "{{{name: bad version: 123} due to error: NOT_FOUND: Could not find SavedModel .pb or .pbtxt "
+        f"at supplied export directory path: {_exported_models() / 'bad_half_plus_two' / '00000123'}}}, }}"
+    )
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -2,7 +2,7 @@
 
 import time
 
-from helpers import HALF_PLUS_TWO, MODELS, run_cli
+from helpers import HALF_PLUS_TWO, MODELS, bad_model_start_error, run_cli
 
 
 def test_version_prints_both_lines_and_exits_zero():
@@ -117,12 +117,7 @@ def test_bad_model_fails_startup_with_clear_error():
         "--max_num_load_retries=0",
     )
     assert result.returncode == 255
-    expected = (
-        "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: "
-        "{{{name: bad version: 123} due to error: NOT_FOUND: Could not find SavedModel .pb or .pbtxt "
-        f"at supplied export directory path: {MODELS / 'bad_half_plus_two' / '00000123'}}}, }}"
-    )
-    assert result.stdout.strip() == expected
+    assert result.stdout.strip() == bad_model_start_error()
 
 
 def test_load_retries_follow_the_flags():

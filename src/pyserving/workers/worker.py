@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -357,22 +357,31 @@ class RemoteDataPlane(DataPlane):
     def classify(
         self, target: Target, signature_name: str, request_input: input_pb2.Input, timeout_ms: int = 0
     ) -> tuple[str, classification_pb2.ClassificationResult]:
-        target.version, key, serialized = _traced(
-            self._blocking.call(
-                "classify", *_where(target), signature_name, request_input.SerializeToString(), timeout_ms
-            )
+        return self._examples(
+            "classify", classification_pb2.ClassificationResult, target, signature_name, request_input, timeout_ms
         )
-        return key, classification_pb2.ClassificationResult.FromString(serialized)
 
     def regress(
         self, target: Target, signature_name: str, request_input: input_pb2.Input, timeout_ms: int = 0
     ) -> tuple[str, regression_pb2.RegressionResult]:
-        target.version, key, serialized = _traced(
-            self._blocking.call(
-                "regress", *_where(target), signature_name, request_input.SerializeToString(), timeout_ms
-            )
+        return self._examples(
+            "regress", regression_pb2.RegressionResult, target, signature_name, request_input, timeout_ms
         )
-        return key, regression_pb2.RegressionResult.FromString(serialized)
+
+    def _examples(
+        self,
+        method: str,
+        result_class: type[_Result],
+        target: Target,
+        signature_name: str,
+        request_input: input_pb2.Input,
+        timeout_ms: int,
+    ) -> tuple[str, _Result]:
+        """A classify or regress call: the tf.Examples travel serialized, the result comes back so."""
+        target.version, key, serialized = _traced(
+            self._blocking.call(method, *_where(target), signature_name, request_input.SerializeToString(), timeout_ms)
+        )
+        return key, result_class.FromString(serialized)
 
     def multi_inference(
         self,
@@ -448,6 +457,7 @@ class RemoteCore(ServerCore):
         self._channel.close()
 
 
+_Result = TypeVar("_Result", classification_pb2.ClassificationResult, regression_pb2.RegressionResult)
 _MAX_REFUSALS = 1024
 _MAX_REFUSAL_NAME = 1024  # characters of model name and label together
 
