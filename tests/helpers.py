@@ -40,6 +40,13 @@ from tensorflow_serving.apis import (
 )
 
 START_TIMEOUT_S = 90
+# PYSERVING_TEST_NUM_WORKERS=N runs every test's server with --num_workers=N (docs/WORKERS.md); a test that
+# passes its own --num_workers wins (the last repeat of a flag does).
+_NUM_WORKERS = (
+    [f"--num_workers={os.environ['PYSERVING_TEST_NUM_WORKERS']}"]
+    if os.environ.get("PYSERVING_TEST_NUM_WORKERS")
+    else []
+)
 # What the server logs while it waits for a base path that does not exist (TF Serving waits too).
 _MISSING_MODEL = "Could not find base path"
 
@@ -99,6 +106,7 @@ class Server:
             f"--rest_api_port={rest_port}",
             # Tests stop servers at once; the drain delay has tests of its own (which pass the flag again).
             "--shutdown_delay_seconds=0",
+            *_NUM_WORKERS,
             *args,
         ]
         log = open(log_path, "wb")
@@ -139,9 +147,10 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def logged_at(self, text: str) -> float:
-        """When (epoch seconds) the server logged its one line holding `text`, from the line's own stamp
-        (`YYYY-MM-DD HH:MM:SS.mmm: `, local time): exact, where polling the log would see it late."""
-        [line] = [line for line in self.output().splitlines() if text in line]
+        """When (epoch seconds) the server first logged a line holding `text`, from the line's own stamp
+        (`YYYY-MM-DD HH:MM:SS.mmm: `, local time): exact, where polling the log would see it late. With
+        `--num_workers`, each worker logs its own line: the first is the earliest."""
+        line = next(line for line in self.output().splitlines() if text in line)
         return datetime.datetime.strptime(line.split(": ")[0], "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
     def stop(self) -> int:
@@ -300,6 +309,43 @@ def get_counter(server, name: str) -> float:
     with grpc.insecure_channel(server.grpc) as channel:
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
     return tf.make_ndarray(response.outputs["output"])
+
+
+def _children(pid: int) -> dict[int, bytes]:
+    """`pid`'s children: pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+def model_pid(server) -> int:
+    """The process holding the models: the server's, or with `--num_workers` its model process."""
+    for pid, cmdline in _children(server.proc.pid).items():
+        if b"pyserving.workers\0model" in cmdline:
+            return pid
+    return server.proc.pid
+
+
+def server_rss_mib(server) -> float:
+    """The server's RSS: with `--num_workers`, its processes' together (supervisor, model process, workers)."""
+    children = [pid for pid, cmdline in _children(server.proc.pid).items() if b"pyserving.workers" in cmdline]
+    return rss_mib(server.proc.pid) + sum(rss_mib(pid) for pid in children)
+
+
+def bad_model_start_error() -> str:
+    """What a server prints when MODELS/bad_half_plus_two, its only model, fails to load (TF Serving's text)."""
+    return (
+        "Failed to start server. Error: UNKNOWN: 1 servable(s) did not become available: "
+        "{{{name: bad version: 123} due to error: NOT_FOUND: Could not find SavedModel .pb or .pbtxt "
+        f"at supplied export directory path: {_exported_models() / 'bad_half_plus_two' / '00000123'}}}, }}"
+    )
 
 
 def rss_mib(pid: int) -> float:

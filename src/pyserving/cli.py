@@ -15,6 +15,7 @@ import os
 import sys
 
 from pyserving import __version__, flags, tools
+from pyserving.errors import ServingError
 
 __all__ = ["main"]
 
@@ -36,10 +37,11 @@ def _usage(program: str) -> str:
     return text
 
 
-def _configure_logging() -> None:
+def configure_logging(tag: str = "pyserving") -> None:
+    """Log lines as TF Serving's; `tag`: which process (`--num_workers` children name theirs)."""
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s.%(msecs)03d: %(levelname).1s pyserving] %(message)s",
+        format=f"%(asctime)s.%(msecs)03d: %(levelname).1s {tag}] %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
     )
@@ -48,7 +50,7 @@ def _configure_logging() -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
-def _configure_tensorflow() -> None:
+def configure_tensorflow() -> None:
     """Environment TensorFlow reads at import; a value the user set wins."""
     # oneDNN's CPU allocator keeps freed memory pooled for the life of the process, so an
     # unloaded version's memory would never go back to the OS (measured: bench/lifecycle_rss.py).
@@ -87,14 +89,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TensorFlow ModelServer: {__version__}-pyserving")
         print(f"TensorFlow Library: {_tensorflow_version()}")
         return 0
-    _configure_logging()
-    _configure_tensorflow()
+    configure_logging()
+    configure_tensorflow()
     for name, reason in options.pending_flags(parsed.given):
         log.warning("Flag --%s is accepted but has no effect in this pyserving release (%s).", name, reason)
 
-    from pyserving import server
+    try:
+        workers = options.worker_count()
+    except ServingError as exc:
+        print(f"Failed to start server. Error: {exc}", flush=True)
+        return 255
+    if workers > 1:
+        from pyserving.workers import supervisor
 
-    code = server.run(options)
+        code = supervisor.run(options, args, workers)
+    else:
+        from pyserving import server
+
+        code = server.run(options)
     # Exit without joining worker threads: a load stuck inside TensorFlow (a hanging init op)
     # must not keep a stopped server alive. Everything that had to finish has finished.
     logging.shutdown()

@@ -209,6 +209,14 @@ class Options:
         "load balancers stop routing here first (Kubernetes endpoint propagation takes a few seconds)",
     )
 
+    num_workers: str = _flag(
+        "1",
+        "string",
+        "pyserving: processes doing the protocol work (HTTP, JSON, protobuf) on the shared ports; 1 is one "
+        "process for everything; N > 1 adds one model process that owns the models and batchers; auto: one "
+        "worker per CPU",
+    )
+
     enable_python_processing: bool = _flag(
         False,
         "bool",
@@ -248,6 +256,17 @@ class Options:
         inter = self.tensorflow_inter_op_parallelism or self.tensorflow_session_parallelism
         return intra, inter
 
+    def worker_count(self) -> int:
+        """`--num_workers` as a number (auto: the CPUs); `ServingError` for anything but a positive integer or auto."""
+        text = self.num_workers.strip()
+        if text == "auto":
+            return _CPUS
+        if text.isdigit() and text.isascii() and 1 <= int(text) <= 1024:
+            return int(text)
+        raise ServingError(
+            Code.INVALID_ARGUMENT, f"--num_workers={self.num_workers} must be auto or a whole number from 1 to 1024"
+        )
+
     def validate(self) -> None:
         """TF Serving's start-up checks on flag combinations; `ServingError` (start-up fails) otherwise."""
         if not self.model_base_path and not self.model_config_file:
@@ -280,6 +299,7 @@ class Options:
             )
         if self.rest_api_enable_ssl and not self.ssl_config_file:
             raise ServingError(Code.INVALID_ARGUMENT, "--rest_api_enable_ssl needs --ssl_config_file")
+        self.worker_count()
 
     def pending_flags(self, given: set[str]) -> list[tuple[str, str]]:
         """Flags on the command line that this build accepts but does not honour, with the reason."""

@@ -22,7 +22,7 @@ import bisect
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -52,6 +52,7 @@ __all__ = [
     "UNKNOWN_MODEL",
     "exposition",
     "record_examples",
+    "state",
 ]
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -85,13 +86,22 @@ class _Counter:
         with self._lock:
             self._values[label_values] += amount
 
-    def render(self) -> bytes:
-        """`# TYPE <name> counter` and the samples under `name` itself (no `_total`)."""
+    def state(self) -> dict[tuple[str, ...], float]:
+        """A copy of the values (what a worker process sends for the merged scrape)."""
+        with self._lock:
+            return dict(self._values)
+
+    def render(self, others: Iterable[dict[tuple[str, ...], float]] = ()) -> bytes:
+        """`# TYPE <name> counter` and the samples under `name` itself (no `_total`); `others`' values
+        (other processes' `state()`) are added to this process's."""
         # Rendered as an untyped family (its samples keep their names); only the header is TF Serving's.
         metric = Metric(self.name, self._help, "unknown")
         with self._lock:
-            values = list(self._values.items())
-        for label_values, total in values:
+            merged = dict(self._values)
+        for other in others:
+            for label_values, value in other.items():
+                merged[label_values] = merged.get(label_values, 0.0) + value
+        for label_values, total in merged.items():
             metric.add_sample(self.name, dict(zip(self._labels, label_values, strict=True)), total)
         samples = generate_latest(_Families([metric])).split(b"\n", 2)[2]
         return f"# HELP {self.name} {self._help}\n# TYPE {self.name} counter\n".encode() + samples
@@ -126,10 +136,20 @@ class _Histogram:
             series = self._series[label_values] = [0] * (len(self._bounds) + 1) + [0.0]
         return series
 
-    def render(self) -> bytes:
-        family = HistogramMetricFamily(self.name, self._help, labels=list(self._labels))
+    def state(self) -> dict[tuple[str, ...], list]:
+        """A copy of every series (what a worker process sends for the merged scrape)."""
         with self._lock:
-            copies = [(values, list(series)) for values, series in self._series.items()]
+            return {values: list(series) for values, series in self._series.items()}
+
+    def render(self, others: Iterable[dict[tuple[str, ...], list]] = ()) -> bytes:
+        """The histogram, `others`' series (other processes' `state()`) added to this process's."""
+        family = HistogramMetricFamily(self.name, self._help, labels=list(self._labels))
+        merged = self.state()
+        for other in others:
+            for values, series in other.items():
+                mine = merged.get(values)
+                merged[values] = list(series) if mine is None else [a + b for a, b in zip(mine, series, strict=True)]
+        copies = list(merged.items())
         bounds = [f"{b:.6g}" for b in self._bounds] + ["+Inf"]
         for values, series in copies:
             cumulative, buckets = 0, []
@@ -302,9 +322,21 @@ BATCH_QUEUE_SECONDS = _Histogram(
 _PYSERVING: list[_SampledGauge | _Histogram] = [REQUESTS_IN_FLIGHT, BATCH_QUEUE_DEPTH, BATCH_QUEUE_SECONDS]
 
 
-def exposition() -> bytes:
-    """Every metric in the Prometheus text format (walks every series: call it off the event loop)."""
-    return b"".join([metric.render() for metric in [*_ALL, *_PYSERVING]] + [generate_latest(_REGISTRY)])
+def exposition(others: Sequence[dict[str, dict]] = ()) -> bytes:
+    """Every metric in the Prometheus text format (walks every series: call it off the event loop).
+    `others`: other processes' `state()` (`--num_workers`), added to this process's counters and histograms."""
+    parts = []
+    for metric in [*_ALL, *_PYSERVING]:
+        if isinstance(metric, _SampledGauge):
+            parts.append(metric.render())
+        else:
+            parts.append(metric.render([other[metric.name] for other in others if metric.name in other]))
+    return b"".join([*parts, generate_latest(_REGISTRY)])
+
+
+def state() -> dict[str, dict]:
+    """This process's counters and histograms, by name: what a protocol worker adds to the merged scrape."""
+    return {metric.name: metric.state() for metric in [*_ALL, BATCH_QUEUE_SECONDS]}
 
 
 def record_examples(model: str, count: int) -> None:

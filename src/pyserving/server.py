@@ -25,7 +25,8 @@ import signal
 import ssl
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -38,7 +39,7 @@ from pyserving.flags import Options
 from pyserving.lifecycle.core import ServerCore
 from pyserving.lifecycle.loader import LoaderChain
 from pyserving.lifecycle.manager import VersionSpec
-from pyserving.protocols import operations, profiler
+from pyserving.protocols import operations
 from pyserving.protocols.tfs import grpc_api, rest_api, warmup
 from pyserving.protocols.v2 import grpc_api as v2_grpc
 from pyserving.protocols.v2 import rest as v2_rest
@@ -72,6 +73,11 @@ class Server:
     tls: Any  # an SSLConfig message, or None
     tls_context: ssl.SSLContext | None  # the same certificates for REST (built once, when they are checked)
     metrics_paths: list[str]  # where REST serves the Prometheus metrics (none: not exported)
+    # --num_workers > 1: a protocol worker shares its ports with the others and asks the model process for
+    # the merged metrics.
+    reuse_port: bool = False
+    exposition: Callable[[], bytes] = metrics.exposition
+    grpc_services: list[grpc_transport.Service] = field(default_factory=list)  # mounted after the others
 
 
 def _build(options: Options) -> Server:
@@ -149,7 +155,7 @@ def rest_router(server: Server) -> http.Router:
     router.route(operations.OPENAPI, operations.openapi, methods=["GET"])
     if server.metrics_paths:
         # One thread: scrapes queue behind each other instead of rendering side by side.
-        scrape = operations.metrics_app(worker_pool(1, "metrics"))
+        scrape = operations.metrics_app(worker_pool(1, "metrics"), server.exposition)
         for path in server.metrics_paths:
             router.route(path, scrape)
     pool = worker_pool(_request_threads(options.rest_api_num_threads, options), "rest")
@@ -359,7 +365,10 @@ async def _start_grpc(server: Server) -> tuple[grpc.aio.Server, operations.GrpcH
         health = operations.GrpcHealth()
         await health.start()
         services.append(health.service)
+    services.extend(server.grpc_services)
     if options.enable_profiler:
+        from pyserving.protocols import profiler  # TensorFlow's profiler, which a protocol worker never loads
+
         services.append(profiler.ProfilerService().service)
         log.info("Profiler service is enabled")
     grpc_server = grpc_transport.create_server(
@@ -410,6 +419,7 @@ async def _start_rest(server: Server) -> http.Listener | None:
             ),
             grace_s=max(options.shutdown_grace_period_seconds, 0),
             tls=server.tls_context if options.rest_api_enable_ssl else None,
+            reuse_port=server.reuse_port,
         )
     except OSError as exc:
         log.error("Failed to start HTTP Server at localhost:%d (%s)", options.rest_api_port, exc)

@@ -16,6 +16,7 @@ of the batch the call ran in (`note_batch`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import types
@@ -29,10 +30,12 @@ from pyserving.errors import INTERNAL_ERROR, Code, ServingError
 
 __all__ = [
     "DEFAULT_SERVICE_NAME",
+    "add_attributes",
     "annotate",
     "enabled",
     "grpc_span",
     "note_batch",
+    "recorded",
     "rest_span",
     "setup",
     "shutdown",
@@ -166,6 +169,48 @@ def annotate(model: str, version: int, signature: str, rows: int | None) -> None
     if rows is not None:
         attributes["pyserving.batch.size"] = rows
     _api.trace.get_current_span().set_attributes(attributes)  # one call: the SDK locks the span once
+
+
+def recorded(attributes: dict[str, Any]) -> AbstractContextManager[None]:
+    """Annotations made inside (`annotate`, `note_batch`) go into `attributes` instead of a span (call when
+    `enabled`): a `--num_workers` model process runs calls whose span is open in a worker, which adds them."""
+    return _Recorded(attributes)
+
+
+def add_attributes(attributes: dict[str, Any]) -> None:
+    """Attributes recorded by the model process, on the current span (call when `enabled`)."""
+    if attributes:
+        _api.trace.get_current_span().set_attributes(attributes)
+
+
+class _Recorded:
+    def __init__(self, attributes: dict[str, Any]) -> None:
+        self._attributes = attributes
+        self._token: Any = None
+
+    def __enter__(self) -> None:
+        span = _recording_span_class()(_api.trace.INVALID_SPAN_CONTEXT)
+        span.attributes = self._attributes
+        self._token = _api.context.attach(_api.trace.set_span_in_context(span))
+
+    def __exit__(self, *exc_info: object) -> None:
+        _api.context.detach(self._token)
+
+
+@functools.cache
+def _recording_span_class() -> Any:
+    """A span that only keeps the attributes set on it (made once `setup` imported OpenTelemetry)."""
+
+    class _RecordingSpan(_api.trace.NonRecordingSpan):
+        attributes: dict[str, Any]
+
+        def set_attributes(self, attributes: dict[str, Any]) -> None:
+            self.attributes.update(attributes)
+
+        def set_attribute(self, key: str, value: Any) -> None:
+            self.attributes[key] = value
+
+    return _RecordingSpan
 
 
 def note_batch(queue_seconds: float, batch_size: int) -> None:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 import requests
 import tensorflow as tf
-from helpers import HALF_PLUS_TWO, Traffic, copy_version, post, predict_request, rss_mib, statuses, wait_for
+from helpers import HALF_PLUS_TWO, Traffic, copy_version, post, predict_request, server_rss_mib, statuses, wait_for
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -238,7 +238,7 @@ def _too_big(name: str, shape: str, size: int) -> str:
 
 
 def test_decoded_tensor_limit_refuses_before_allocating(limited):
-    rss = rss_mib(limited.proc.pid)
+    rss = server_rss_mib(limited)
     floats = _compact_request(types_pb2.DT_FLOAT, [100_000_000], float_val=[1.0])
     assert floats.inputs["x"].ByteSize() < 30
     assert _grpc_error(limited, "Predict", floats) == (
@@ -257,7 +257,7 @@ def test_decoded_tensor_limit_refuses_before_allocating(limited):
     body = {"signature_name": "regress_x_to_y", "context": {"x": [1.0], "pad": "p" * 86}, "examples": [{}] * 10_000}
     r = post(limited.rest + "/v1/models/half_plus_two:regress", body)
     assert (r.status_code, r.json()) == (400, {"error": _too_big("inputs", "10000", 1_240_000)})
-    assert rss_mib(limited.proc.pid) - rss < 50
+    assert server_rss_mib(limited) - rss < 50
     with grpc.insecure_channel(limited.grpc) as channel:
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(predict_request(), timeout=30)
     assert list(response.outputs["y"].float_val) == [2.5, 3.0, 4.5]
@@ -410,7 +410,7 @@ def test_soak_valid_and_invalid_traffic_while_versions_change(start_server, tmp_
 
     thread = threading.Thread(target=hostile)
     thread.start()
-    rss = [rss_mib(server.proc.pid)]
+    rss = [server_rss_mib(server)]
     version = 1
     started = time.monotonic()
     try:
@@ -426,7 +426,7 @@ def test_soak_valid_and_invalid_traffic_while_versions_change(start_server, tmp_
                 for folder in sorted(base.iterdir(), key=lambda p: int(p.name))[1:]:
                     shutil.rmtree(folder)
             time.sleep(3)
-            rss.append(rss_mib(server.proc.pid))
+            rss.append(server_rss_mib(server))
     finally:
         stop.set()
         thread.join(60)

@@ -20,6 +20,7 @@ from helpers import (
     counter_warmup,
     get_counter,
     grpc_predict,
+    model_pid,
     post,
     reload,
     rss_mib,
@@ -517,7 +518,7 @@ def test_unloaded_versions_give_their_memory_back(start_server, tmp_path):
     small = {"name": "small", "path": HALF_PLUS_TWO}
     big = {"name": "big", "path": tmp_path / "big"}
     server = start_server(f"--model_config_file={write_config(tmp_path / 'models.config', small)}")
-    pid = server.proc.pid
+    pid = model_pid(server)
     baseline = rss_mib(pid)
     with grpc.insecure_channel(server.grpc) as channel:
         for _ in range(5):

@@ -96,6 +96,7 @@ class ServerCore:
             for config in configs:
                 self._source.wait_for_versions(config)
         self._configs = configs
+        self.manager.notify_change()  # readiness and the model names follow the config
         failures = self.manager.wait_settled(c.name for c in configs if c.name not in known)
         if failures:
             # TF Serving's load_servables_fast.cc (initial) and server_core.cc (reload): each failure is

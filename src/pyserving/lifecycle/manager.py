@@ -122,6 +122,9 @@ class ModelManager:
         self._unload_pool = worker_pool(unload_threads, "unload")
         self._stopping = False
         self._source_errors: dict[str, str] = {}  # model -> why its source could not list its versions
+        # Called (lock held) whenever a version's state or the labels may have changed what a lease resolves
+        # to: `--num_workers` bumps the generation the workers' resolve caches are keyed on.
+        self.on_change: Callable[[], None] | None = None
 
     def use_load_threads(self, load_threads: int) -> None:
         """Switch to the steady-state load pool (TF Serving loads the initial models wider)."""
@@ -168,6 +171,8 @@ class ModelManager:
             record.status.state = State.UNLOADING
             submit_logged(self._unload_pool, f"Unloading {name} version {version}", self._unload, name, record)
         self._changed.notify_all()
+        if self.on_change is not None:
+            self.on_change()
 
     def _load(self, name: str, record: _Version) -> None:
         version = record.status.version
@@ -311,6 +316,8 @@ class ModelManager:
                 model.labels = {}
             for name, model_labels in labels.items():
                 self._models.setdefault(name, _Model()).labels = dict(model_labels)
+            if self.on_change is not None:
+                self.on_change()
 
     # -- what requests ask ----------------------------------------------------
 
@@ -354,6 +361,17 @@ class ModelManager:
         """Whether `name` is (or was) a configured model, served or not."""
         with self._lock:
             return name in self._models
+
+    def notify_change(self) -> None:
+        """Call `on_change` for a change the manager cannot see (the core's model config)."""
+        with self._lock:
+            if self.on_change is not None:
+                self.on_change()
+
+    def names(self) -> list[str]:
+        """Every model `knows` answers true for, sorted."""
+        with self._lock:
+            return sorted(self._models)
 
     def is_serving(self, name: str) -> bool:
         """Whether `name` has an AVAILABLE version."""

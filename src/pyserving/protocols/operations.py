@@ -51,11 +51,12 @@ def readiness(ready: Readiness) -> http.ASGIApp:
     return app
 
 
-def metrics_app(pool: Executor) -> http.ASGIApp:
-    """The Prometheus text format, rendered on `pool` (it walks every series; the loop keeps serving)."""
+def metrics_app(pool: Executor, render: Callable[[], bytes] = metrics.exposition) -> http.ASGIApp:
+    """The Prometheus text format, rendered on `pool` (it walks every series; the loop keeps serving).
+    `render`: a `--num_workers` worker asks the model process for the merged exposition instead."""
 
     async def app(scope: http.Scope, receive: http.Receive, send: http.Send) -> None:
-        body = await run_sync(pool, metrics.exposition)
+        body = await run_sync(pool, render)
         await http.respond(send, 200, body, [(b"content-type", metrics.CONTENT_TYPE)])
 
     return app

@@ -29,14 +29,12 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from tensorflow.python.framework import errors as tf_errors
-from tensorflow.python.profiler.internal import _pywrap_profiler
 from tensorflow.tsl.profiler.protobuf import profiler_options_pb2
 
 from pyserving.concurrency import run_sync, worker_pool
 from pyserving.transports.grpc import Service, unary_service
 
-__all__ = ["ProfilerService", "message_class"]
+__all__ = ["ProfilerService", "message_class", "service"]
 
 log = logging.getLogger("pyserving")
 
@@ -124,6 +122,11 @@ _XPLANE_SUFFIX = ".xplane.pb"
 # Durations are uint64 milliseconds; the event loop's timers overflow long before that. TF has no
 # limit, and neither has this in practice: a client that gives up cancels the session anyway.
 _MAX_WAIT_S = 2**31 / 1000
+
+
+def service(servicer: object) -> Service:
+    """`tensorflow.ProfilerService` over `servicer` (a `--num_workers` worker forwards to the model process's)."""
+    return unary_service(servicer, _SERVICE)
 
 
 def message_class(name: str) -> Any:
@@ -254,10 +257,15 @@ class _Session:
     private temporary folder and read back. (`stop()` returns a converted trace, not the XSpace.)"""
 
     def __init__(self) -> None:
+        # TensorFlow's own modules, imported here: a protocol worker imports this module for its messages only.
+        from tensorflow.python.profiler.internal import _pywrap_profiler
+
         self._session = _pywrap_profiler.ProfilerSession()
         self._staging = ""
 
     def start(self, levels: dict[str, int]) -> _Failure | None:
+        from tensorflow.python.framework import errors as tf_errors
+
         self._staging = tempfile.mkdtemp(prefix="pyserving-profile-")
         try:
             self._session.start(self._staging, levels)
@@ -268,6 +276,8 @@ class _Session:
 
     def collect(self) -> tuple[bytes, bool] | _Failure:
         """Stop the session: its XSpace, serialized, and whether it is empty; or why it could not be collected."""
+        from tensorflow.python.framework import errors as tf_errors
+
         try:
             self._session.export_to_tb()
             written = glob.glob(os.path.join(glob.escape(self._staging), "plugins", "profile", "*", "*.xplane.pb"))

@@ -231,8 +231,10 @@ async def start(
     limits: HttpLimits,
     grace_s: float,
     tls: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> Listener:
-    """Serve `app` on host:port; `OSError` if the port cannot be bound."""
+    """Serve `app` on host:port; `OSError` if the port cannot be bound. `reuse_port`: SO_REUSEPORT, so that
+    several processes (`--num_workers`) accept on the port, the kernel spreading connections among them."""
     protocol = type("HttpProtocol", (_HttpProtocol,), {"limits": limits, "draining": False})
     config = uvicorn.Config(
         app,
@@ -251,6 +253,8 @@ async def start(
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
