@@ -22,12 +22,13 @@ from types import FrameType
 
 from pyserving.flags import Options
 
-__all__ = ["ARGV_ENV", "DIR_ENV", "READY_FD_ENV", "die_with_parent", "run"]
+__all__ = ["ARGV_ENV", "DIR_ENV", "PARENT_ENV", "READY_FD_ENV", "die_with_parent", "run"]
 
 log = logging.getLogger("pyserving")
 
 ARGV_ENV = "PYSERVING_WORKERS_ARGV"  # the command line, re-parsed by each child
 DIR_ENV = "PYSERVING_WORKERS_DIR"  # the private run directory: the model socket, generation, tensor files
+PARENT_ENV = "PYSERVING_WORKERS_PARENT"  # the supervisor's pid, which a child checks is still its parent
 READY_FD_ENV = "PYSERVING_WORKERS_READY_FD"  # where the model process writes one byte once its models loaded
 _POLL_S = 0.05
 _RESTART_BACKOFF_S = 1.0  # a worker that died sooner than this after its start waits this long to restart
@@ -45,7 +46,9 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+    # The supervisor died before prctl took effect: this process was handed to another parent. (Compared with
+    # the supervisor's pid, not with 1: in a container the supervisor itself is pid 1.)
+    if str(os.getppid()) != os.environ.get(PARENT_ENV, str(os.getppid())):
         os._exit(1)
 
 
@@ -94,7 +97,7 @@ class _Supervisor:
     def __init__(self, options: Options, argv: list[str], workers: int, run_dir: str) -> None:
         self._options = options
         self._count = workers
-        self._env = dict(os.environ, **{ARGV_ENV: json.dumps(argv), DIR_ENV: run_dir})
+        self._env = dict(os.environ, **{ARGV_ENV: json.dumps(argv), DIR_ENV: run_dir, PARENT_ENV: str(os.getpid())})
         self._signals: list[int] = []
         self._workers: list[subprocess.Popen[bytes] | None] = [None] * workers
         self._started: list[float] = [0.0] * workers
