@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -282,6 +283,28 @@ def test_a_bad_num_workers_fails_start_up(value, message):
     )
     assert result.returncode == 255
     assert f"Failed to start server. Error: {message}" in result.stdout
+
+
+def test_a_worker_that_cannot_start_stops_the_server_as_one_process_would_fail():
+    taken = socket.socket()  # the gRPC port, held without SO_REUSEPORT: no worker can bind it
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        result = run_cli(
+            "--num_workers=2",
+            "--host=127.0.0.1",
+            f"--port={taken.getsockname()[1]}",
+            f"--rest_api_port={free_port()}",
+            "--model_name=half_plus_two",
+            f"--model_base_path={HALF_PLUS_TWO}",
+            timeout=120,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 255
+    assert "Failed to start server. Error: " in result.stdout
+    assert "could not start; stopping the server" in result.stderr
+    assert "restarting it" not in result.stderr
 
 
 def test_a_model_that_fails_to_load_fails_start_up_as_one_process_does(tmp_path):
