@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from helpers import (
     HALF_PLUS_TWO,
     MODELS,
     bad_model_start_error,
+    free_port,
     grpc_predict,
     post,
     reload,
@@ -198,6 +202,47 @@ def test_the_unix_socket_is_worker_0s_and_comes_back_with_it(start_server, tmp_p
         assert list(grpc_predict(channel, "half_plus_two", (1.0,)).outputs["y"].float_val) == [2.5]
 
 
+def test_the_supervisor_may_be_pid_1_as_in_a_container(tmp_path):
+    """In a container the server is pid 1: its children must not take a parent of pid 1 for a dead one."""
+    if subprocess.run(["unshare", "-Urpf", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no unprivileged user and pid namespaces here")
+    rest, port = free_port(), free_port()
+    log = (tmp_path / "server.log").open("wb")
+    outer = subprocess.Popen(
+        ["unshare", "-Urpf", sys.executable, "-m", "pyserving", "--num_workers=2", f"--port={port}",
+         f"--rest_api_port={rest}", "--host=127.0.0.1", "--model_name=half_plus_two",
+         f"--model_base_path={HALF_PLUS_TWO}", "--shutdown_delay_seconds=0"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (tmp_path / "server.log").read_text().count("Entering the event loop") == 2, 90, "workers")
+        r = post(f"http://127.0.0.1:{rest}{PREDICT}", {"instances": [1.0]})
+        assert (r.status_code, r.json()) == (200, {"predictions": [2.5]})
+        [supervisor] = [pid for pid, _ in _all_children(outer.pid)]  # pid 1 in its namespace
+        namespace_pids = Path(f"/proc/{supervisor}/status").read_text().split("NSpid:")[1].split("\n")[0].split()
+        assert namespace_pids[-1] == "1"
+        os.kill(supervisor, signal.SIGTERM)
+        assert outer.wait(60) == 0
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+        log.close()
+
+
+def _all_children(pid: int) -> list[tuple[int, bytes]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append((int(entry.name), cmdline))
+    return found
+
+
 def test_the_model_process_dying_stops_the_server(start_server):
     server = _start(start_server, "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
     children = _children(server.proc.pid)
@@ -238,6 +283,28 @@ def test_a_bad_num_workers_fails_start_up(value, message):
     )
     assert result.returncode == 255
     assert f"Failed to start server. Error: {message}" in result.stdout
+
+
+def test_a_worker_that_cannot_start_stops_the_server_as_one_process_would_fail():
+    taken = socket.socket()  # the gRPC port, held without SO_REUSEPORT: no worker can bind it
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        result = run_cli(
+            "--num_workers=2",
+            "--host=127.0.0.1",
+            f"--port={taken.getsockname()[1]}",
+            f"--rest_api_port={free_port()}",
+            "--model_name=half_plus_two",
+            f"--model_base_path={HALF_PLUS_TWO}",
+            timeout=120,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 255
+    assert "Failed to start server. Error: " in result.stdout
+    assert "could not start; stopping the server" in result.stderr
+    assert "restarting it" not in result.stderr
 
 
 def test_a_model_that_fails_to_load_fails_start_up_as_one_process_does(tmp_path):

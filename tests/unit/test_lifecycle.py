@@ -276,3 +276,24 @@ def test_a_nul_byte_in_a_polled_base_path_keeps_the_old_config(tmp_path, caplog)
     core.poll_config_file()
     assert core.readiness() == (True, {"b": "AVAILABLE"})
     core.stop()
+
+
+def test_on_change_is_called_for_state_changes_only_not_for_every_poll():
+    loads = _Loads()
+    manager = _manager(loads)
+    changes: list[list[tuple[int, State]]] = []
+    manager.on_change = lambda: changes.append(  # called with the manager's lock held
+        [(v, r.status.state) for v, r in manager._models["m"].versions.items()]
+    )
+    _aspire(manager, "m", 1)
+    assert manager.wait_settled(["m"]) == []
+    seen = len(changes)
+    assert changes[-1] == [(1, State.AVAILABLE)]
+    for _ in range(5):  # what each poll of an unchanged folder does
+        _aspire(manager, "m", 1)
+    assert len(changes) == seen
+    _aspire(manager, "m", 2)
+    _wait(lambda: _states(manager, "m") == [(2, State.AVAILABLE), (1, State.END)])
+    assert [(1, State.UNLOADING), (2, State.AVAILABLE)] in changes[seen:]  # the swap itself is announced
+    assert changes[-1] == [(1, State.END), (2, State.AVAILABLE)]
+    manager.unload_all()

@@ -164,3 +164,32 @@ def test_the_sweep_removes_only_run_directories_that_killed_servers_left(tmp_pat
         "pyserving-run-live",
         "pyserving-run-loading",
     ]
+
+
+def test_tensors_go_inline_when_shared_memory_has_no_room(tmp_path):
+    big = np.arange(wire.SHM_THRESHOLD, dtype=np.float32)
+    missing = tmp_path / "gone"  # writing a file there fails, as a full /dev/shm does
+    parts = wire.encode((wire.REPLY, 3, {"y": big}), str(missing))
+    frame = bytearray(b"".join(bytes(part) for part in parts)[4:])
+    assert len(frame) > big.nbytes  # the array is in the frame itself
+    kind, call_id, outputs = wire.decode(frame, str(missing))
+    assert (kind, call_id) == (wire.REPLY, 3)
+    np.testing.assert_array_equal(outputs["y"], big)
+
+
+def test_string_tensors_count_by_elements_when_deciding_to_leave_the_loop():
+    strings = np.array([b"x" * 10] * 2000, dtype=object)
+    assert strings.nbytes == 16000  # pointers only: it would have been encoded on the loop
+    assert wire.arrays_bytes([strings]) > 64 * 1024
+    assert wire.arrays_bytes([np.zeros(10, np.float32), strings[:10]]) == 40 + 10 * 64
+
+
+def test_stale_tensor_files_are_swept_and_fresh_ones_kept(tmp_path):
+    from pyserving.workers import supervisor
+
+    for name in ("t-1-a-0", "t-1-a-1", "model.sock", "generation"):
+        (tmp_path / name).write_bytes(b"x")
+    os.utime(tmp_path / "t-1-a-0", (0, 0))
+    os.utime(tmp_path / "generation", (0, 0))
+    supervisor._sweep_tensor_files(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generation", "model.sock", "t-1-a-1"]

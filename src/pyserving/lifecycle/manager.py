@@ -91,6 +91,7 @@ class _Model:
     aspired: dict[int, VersionSpec] = field(default_factory=dict)
     versions: dict[int, _Version] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+    announced: tuple[tuple[int, State], ...] = ()  # the versions' states `on_change` last told of
 
 
 class Lease:
@@ -171,8 +172,11 @@ class ModelManager:
             record.status.state = State.UNLOADING
             submit_logged(self._unload_pool, f"Unloading {name} version {version}", self._unload, name, record)
         self._changed.notify_all()
-        if self.on_change is not None:
-            self.on_change()
+        if self.on_change is not None:  # only for a real change: every poll of an unchanged folder lands here
+            states = tuple((version, record.status.state) for version, record in model.versions.items())
+            if states != model.announced:
+                model.announced = states
+                self.on_change()
 
     def _load(self, name: str, record: _Version) -> None:
         version = record.status.version

@@ -61,11 +61,16 @@ def serve(options: Options, run_dir: str, ready_fd: int) -> int:
 
 class _ModelProcess:
     def __init__(self, built: Any, run_dir: str) -> None:
+        from pyserving import server
+
         self._server = built
         self._dataplane = built.dataplane
         self._core = built.core
         self._run_dir = run_dir
-        threads = max(built.options.rest_api_num_threads, built.options.grpc_max_threads, 8)
+        # As many as one process's request pools: with batching, a classify or regress call holds its thread
+        # while it waits for its batch.
+        options = built.options
+        threads = max(server._request_threads(max(options.rest_api_num_threads, options.grpc_max_threads), options), 8)
         self._pool = worker_pool(threads, "model-calls")
         self._generation = wire.Generation(os.path.join(run_dir, GENERATION_FILE), create=True)
         self._core.manager.on_change = self._generation.bump
@@ -119,7 +124,7 @@ class _ModelProcess:
                 frame = await wire.read_frame(reader)
                 if frame is None:
                     return
-                kind, call_id, method, args = _unpack(wire.decode(frame, self._run_dir))
+                kind, call_id, method, args = _unpack(await wire.decode_sized(self._pool, frame, self._run_dir))
                 if kind != wire.REQUEST:  # a worker's answer to a metrics call
                     future = self._pending.pop(call_id, None)
                     if future is not None and not future.done():
@@ -163,7 +168,13 @@ class _ModelProcess:
         if writer.is_closing():
             return
         size = _result_bytes(reply[2]) if method == "predict" else 0
-        sender.send(await run_sized(self._pool, size, wire.encode, reply, self._run_dir))
+        try:
+            parts = await run_sized(self._pool, size, wire.encode, reply, self._run_dir)
+        except Exception as exc:  # the caller must get an answer, never wait forever
+            if not isinstance(exc, ServingError):
+                log.exception("Could not encode the answer to a worker's %s call", method)
+            parts = wire.encode(wire.error_reply(call_id, exc), self._run_dir)
+        sender.send(parts)
 
     async def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         if method == "predict":
@@ -325,7 +336,7 @@ def _result_bytes(result: Any) -> int:
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
         result = result[0]
     if isinstance(result, tuple) and len(result) == 3 and isinstance(result[2], dict):
-        return sum(getattr(array, "nbytes", 0) for array in result[2].values())
+        return wire.arrays_bytes(result[2].values())
     return 0
 
 

@@ -22,12 +22,13 @@ from types import FrameType
 
 from pyserving.flags import Options
 
-__all__ = ["ARGV_ENV", "DIR_ENV", "READY_FD_ENV", "die_with_parent", "run"]
+__all__ = ["ARGV_ENV", "DIR_ENV", "PARENT_ENV", "READY_FD_ENV", "die_with_parent", "run"]
 
 log = logging.getLogger("pyserving")
 
 ARGV_ENV = "PYSERVING_WORKERS_ARGV"  # the command line, re-parsed by each child
 DIR_ENV = "PYSERVING_WORKERS_DIR"  # the private run directory: the model socket, generation, tensor files
+PARENT_ENV = "PYSERVING_WORKERS_PARENT"  # the supervisor's pid, which a child checks is still its parent
 READY_FD_ENV = "PYSERVING_WORKERS_READY_FD"  # where the model process writes one byte once its models loaded
 _POLL_S = 0.05
 _RESTART_BACKOFF_S = 1.0  # a worker that died sooner than this after its start waits this long to restart
@@ -36,6 +37,10 @@ _PR_SET_PDEATHSIG = 1
 _RUN_PREFIX = "pyserving-run-"
 _MODEL_SOCKET = "model.sock"  # model_process.MODEL_SOCKET (that module imports TensorFlow's protos)
 _ABANDONED_S = 3600.0
+_TENSOR_SWEEP_S = 30.0
+_TENSOR_FILE_MAX_AGE_S = 300.0
+_TENSOR_FILE_PREFIX = "t-"  # wire.TENSOR_FILE_PREFIX (wire imports numpy; this process stays lean)
+_START_FAILED = 255  # a child's exit code when it could not start (it printed TF Serving's start-up error)
 
 
 def die_with_parent() -> None:
@@ -45,7 +50,9 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+    # The supervisor died before prctl took effect: this process was handed to another parent. (Compared with
+    # the supervisor's pid, not with 1: in a container the supervisor itself is pid 1.)
+    if str(os.getppid()) != os.environ.get(PARENT_ENV, str(os.getppid())):
         os._exit(1)
 
 
@@ -90,14 +97,33 @@ def _sweep(parent: str) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
 
+def _sweep_tensor_files(run_dir: str) -> None:
+    """Remove tensor files nobody will read: a frame's file is unlinked by its reader within moments, but a
+    call cancelled while its tensors were being written, or a frame dropped with a dead worker's
+    connection, leaves its file (RAM, in /dev/shm) behind until the server stops."""
+    cutoff = time.time() - _TENSOR_FILE_MAX_AGE_S
+    try:
+        entries = list(os.scandir(run_dir))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.name.startswith(_TENSOR_FILE_PREFIX) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+
+
 class _Supervisor:
     def __init__(self, options: Options, argv: list[str], workers: int, run_dir: str) -> None:
         self._options = options
         self._count = workers
-        self._env = dict(os.environ, **{ARGV_ENV: json.dumps(argv), DIR_ENV: run_dir})
+        self._env = dict(os.environ, **{ARGV_ENV: json.dumps(argv), DIR_ENV: run_dir, PARENT_ENV: str(os.getpid())})
         self._signals: list[int] = []
         self._workers: list[subprocess.Popen[bytes] | None] = [None] * workers
         self._started: list[float] = [0.0] * workers
+        self._run_dir = run_dir
+        self._next_sweep = time.monotonic() + _TENSOR_SWEEP_S
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
@@ -125,10 +151,18 @@ class _Supervisor:
                 return 1
             for index, proc in enumerate(self._workers):
                 if proc is not None and proc.poll() is not None:
+                    if proc.returncode == _START_FAILED:  # it said why (a port taken, bad TLS files...)
+                        log.error("Worker %d (pid %d) could not start; stopping the server", index, proc.pid)
+                        self._kill_workers()
+                        self._stop_model(model)
+                        return _START_FAILED
                     log.error("Worker %d (pid %d) exited with code %d; restarting it", index, proc.pid, proc.returncode)
                     self._workers[index] = None
                 if self._workers[index] is None and time.monotonic() - self._started[index] >= _RESTART_BACKOFF_S:
                     self._start_worker(index)
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + _TENSOR_SWEEP_S
+                _sweep_tensor_files(self._run_dir)
             time.sleep(_POLL_S)
 
     def _start_model(self) -> subprocess.Popen[bytes] | int:
@@ -141,10 +175,10 @@ class _Supervisor:
         os.close(write_end)
         try:
             while True:
-                if self._signals and self._signals[-1] != signal.SIGHUP:
+                if self._stopping():
                     model.kill()
                     model.wait()
-                    return 128 + self._signals[-1]
+                    return 128 + next(sig for sig in self._signals if sig != signal.SIGHUP)
                 ready, _, _ = select.select([read_end], [], [], _POLL_S)
                 if ready:
                     if os.read(read_end, 1) == b"R":
@@ -168,16 +202,25 @@ class _Supervisor:
         budget = max(self._options.shutdown_delay_seconds, 0) + max(self._options.shutdown_grace_period_seconds, 0)
         deadline = time.monotonic() + budget + 30
         while any(proc.poll() is None for proc in workers):
-            if self._signals and self._signals[-1] != signal.SIGHUP:
+            if self._stopping():
                 log.warning("Second shutdown signal: exiting without waiting for in-flight requests")
                 self._kill_workers()
                 model.kill()
-                return 128 + self._signals[-1]
+                return 128 + next(sig for sig in self._signals if sig != signal.SIGHUP)
             if time.monotonic() > deadline:
                 log.error("Workers still running %d s after SIGTERM: killing them", budget + 30)
                 self._kill_workers()
                 break
             time.sleep(_POLL_S)
+        self._stop_model(model)
+        log.info("Server stopped")
+        return 0
+
+    def _stopping(self) -> bool:
+        """Whether a shutdown signal came (SIGHUP, a reload, does not count, wherever it sits in the list)."""
+        return any(sig != signal.SIGHUP for sig in self._signals)
+
+    def _stop_model(self, model: subprocess.Popen[bytes]) -> None:
         model.send_signal(signal.SIGTERM)
         try:
             model.wait(_MODEL_STOP_S)
@@ -185,8 +228,6 @@ class _Supervisor:
             log.error("The model process did not stop in %d s: killing it", _MODEL_STOP_S)
             model.kill()
             model.wait()
-        log.info("Server stopped")
-        return 0
 
     def _kill_workers(self) -> None:
         for proc in self._workers:

@@ -13,20 +13,26 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import logging
 import mmap
 import os
 import pickle
+import secrets
 import socket
 import struct
+from collections.abc import Iterable
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 
 from pyserving import tracing
+from pyserving.concurrency import INLINE_BYTES, run_sync
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError
 
 __all__ = [
     "ERROR",
+    "TENSOR_FILE_PREFIX",
     "REPLY",
     "REQUEST",
     "SHM_THRESHOLD",
@@ -34,7 +40,9 @@ __all__ = [
     "BlockingChannel",
     "Generation",
     "Sender",
+    "arrays_bytes",
     "decode",
+    "decode_sized",
     "encode",
     "error_reply",
     "raise_error",
@@ -50,7 +58,11 @@ _BUFFER = struct.Struct("<BQ")
 _INLINE, _SHARED = 0, 1
 _ALIGN = 64
 _JOIN_BYTES = 64 * 1024  # frames up to this much inline data go out as one buffer (copying is cheaper)
+log = logging.getLogger("pyserving")
 _names = itertools.count()
+# A tensor file's name: the prefix, a token of this process (a pid may come back: a restarted worker), a count.
+TENSOR_FILE_PREFIX = "t-"
+_PROCESS_TOKEN = f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def encode(message: Any, shm_dir: str) -> list[bytes | memoryview]:
@@ -68,10 +80,21 @@ def encode(message: Any, shm_dir: str) -> list[bytes | memoryview]:
         else:
             layout.append(_BUFFER.pack(_INLINE, view.nbytes))
             inline.append(view)
-    name = _write_shared(shared, shm_dir).encode() if shared else b""
+    name = b""
+    if shared:
+        try:
+            name = _write_shared(shared, shm_dir).encode()
+        except (OSError, ServingError) as exc:  # /dev/shm full (64 MiB in a default container): slower, inline
+            _warn_shm(shm_dir, exc)
+            layout = [_BUFFER.pack(_INLINE, view.nbytes) for view in views]
+            inline, shared = views, []
     body = _HEADER.pack(len(payload), len(views), len(name)) + b"".join(layout) + name
     inline_size = sum(view.nbytes for view in inline)
     size = len(body) + len(payload) + inline_size
+    if size >= 1 << 32:
+        raise ServingError(
+            Code.RESOURCE_EXHAUSTED, f"A message of {size} bytes cannot pass between the server's processes"
+        )
     if inline_size <= _JOIN_BYTES:  # one write call: a transport writes each part of a list by itself
         return [b"".join([_LENGTH.pack(size), body, payload, *inline])]
     return [_LENGTH.pack(size), body, payload, *inline]
@@ -95,9 +118,39 @@ def _array(dtype: str, shape: tuple[int, ...], buffer: Any) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+def _warn_shm(shm_dir: str, exc: BaseException) -> None:
+    global _shm_warned
+    if not _shm_warned:
+        _shm_warned = True
+        log.warning("Tensors go inline: no room for them in %s (%s); give /dev/shm more space", shm_dir, exc)
+
+
+_shm_warned = False
+
+
+def arrays_bytes(arrays: Iterable[Any]) -> int:
+    """About how many bytes `arrays` take in a frame, to decide whether encoding leaves the event loop: a
+    string (object) array counts `_OBJECT_BYTES` per element (its `nbytes` counts only the pointers)."""
+    total = 0
+    for array in arrays:
+        if isinstance(array, np.ndarray):
+            total += array.size * _OBJECT_BYTES if array.dtype.kind == "O" else array.nbytes
+    return total
+
+
+_OBJECT_BYTES = 64
+
+
+async def decode_sized(pool: Executor, frame: bytearray, shm_dir: str) -> Any:
+    """`decode`, on `pool` for a frame big enough (inline strings) to hold the event loop too long."""
+    if len(frame) <= INLINE_BYTES:
+        return decode(frame, shm_dir)
+    return await run_sync(pool, decode, frame, shm_dir)
+
+
 def _write_shared(views: list[memoryview], shm_dir: str) -> str:
     """One file holding `views`, each at a 64-byte aligned offset (numpy's alignment for any dtype)."""
-    path = os.path.join(shm_dir, f"t-{os.getpid()}-{next(_names)}")
+    path = os.path.join(shm_dir, f"{TENSOR_FILE_PREFIX}{_PROCESS_TOKEN}-{next(_names)}")
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         parts: list[bytes | memoryview] = []

@@ -44,6 +44,7 @@ log = logging.getLogger("pyserving")
 # A call the event loop makes (a resolve miss) fails rather than stall the loop longer than this.
 _LOOP_CALL_TIMEOUT_S = 10.0
 _GONE = "The model process is not available"
+_CHANNEL_LOST = 3  # the exit code of a worker whose connection to the model process broke
 
 
 def serve(options: Options, run_dir: str, index: int) -> int:
@@ -145,12 +146,13 @@ class _AsyncChannel:
         return result
 
     async def _read(self) -> None:
+        lost = True  # unless the worker itself stops reading (close(), or its loop ending)
         try:
             while True:
                 frame = await wire.read_frame(self._reader)
                 if frame is None:
                     break
-                message = wire.decode(frame, self._run_dir)
+                message = await wire.decode_sized(_ENCODE_POOL, frame, self._run_dir)
                 if message[0] == wire.REQUEST:  # the model process gathering a scrape
                     reply = (wire.REPLY, message[1], metrics.state())
                     self._sender.send(wire.encode(reply, self._run_dir))
@@ -159,15 +161,21 @@ class _AsyncChannel:
                 future = self._pending.get(call_id)
                 if future is not None and not future.done():
                     future.set_result((kind, result))
-        except (OSError, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            lost = False
+        except OSError:
             pass
+        except Exception:  # a frame that does not decode: this connection cannot be trusted any more
+            log.exception("Could not read the model process's answer")
         finally:
-            if not self._closed:  # not `close()`: the model process went away
-                log.error("The model process closed its connection: this worker cannot answer inference calls")
+            broken = lost and not self._closed  # the model process went away, or the stream broke
             self._closed = True
             for future in self._pending.values():
                 if not future.done():
                     future.set_result((wire.ERROR, (Code.UNAVAILABLE.value, _GONE)))
+            if broken:  # a worker without its channel must not keep accepting: the supervisor starts a new one
+                log.error("The model process closed its connection: this worker exits")
+                os._exit(_CHANNEL_LOST)
 
     def close(self) -> None:
         self._closed = True
@@ -278,6 +286,7 @@ class RemoteDataPlane(DataPlane):
         self._blocking = _Blocking(run_dir)
         self._generation = wire.Generation(os.path.join(run_dir, GENERATION_FILE), create=False)
         self._seen = -1  # the generation the caches below belong to
+        self._swap = threading.Lock()
         self._targets: dict[tuple[str, int | None, str | None], tuple[int, str, _Signatures]] = {}
         # The model process's refusals (unknown model, version or label), so that a client repeating one
         # costs no round trip on the loop: bounded, since the names are the client's.
@@ -289,29 +298,34 @@ class RemoteDataPlane(DataPlane):
     def _fresh(self) -> None:
         generation = self._generation.read()
         if generation != self._seen:
-            self._targets, self._signatures, self._known, self._ready = {}, {}, None, None
-            self._refusals = {}
-            self._seen = generation
+            with self._swap:  # the loop and pool threads both come here
+                if generation != self._seen:
+                    self._targets, self._signatures, self._refusals = {}, {}, {}
+                    self._known, self._ready = None, None
+                    self._seen = generation
 
     def resolve(self, spec: ModelSpec) -> Target:
         self._fresh()
         key = (spec.name, spec.version, spec.label)
-        entry = self._targets.get(key)
+        # The caches of this generation: an answer given before a change lands in these, which the change
+        # discards, never in the next generation's (resolve also runs on pool threads).
+        targets, refusals, signature_cache = self._targets, self._refusals, self._signatures
+        entry = targets.get(key)
         if entry is None:
-            refusal = self._refusals.get(key)
+            refusal = refusals.get(key)
             if refusal is not None:
                 raise ServingError(*refusal)
             try:
                 version, platform, serialized = self._blocking.call("resolve", spec.name, spec.version, spec.label)
             except ServingError as exc:
-                if exc.code != Code.UNAVAILABLE and _cacheable(key, len(self._refusals)):
-                    self._refusals[key] = (exc.code, exc.message)
+                if exc.code != Code.UNAVAILABLE and _cacheable(key, len(refusals)):
+                    refusals[key] = (exc.code, exc.message)
                 raise
-            signatures = self._signatures.get((spec.name, version))
+            signatures = signature_cache.get((spec.name, version))
             if signatures is None:
                 signatures = _Signatures({k: _signature_def(v) for k, v in serialized.items()})
-                self._signatures[(spec.name, version)] = signatures
-            entry = self._targets[key] = (version, platform, signatures)
+                signature_cache[(spec.name, version)] = signatures
+            entry = targets[key] = (version, platform, signatures)
         version, platform, signatures = entry
         return Target(spec.name, version, _servable(_Resolved(signatures, spec)), None, platform)
 
@@ -345,7 +359,7 @@ class RemoteDataPlane(DataPlane):
         timeout_ms: int = 0,
         executor: Executor | None = None,
     ) -> PredictResult:
-        size = sum(getattr(array, "nbytes", 0) for array in inputs.values())
+        size = wire.arrays_bytes(inputs.values())
         version, key, outputs = _traced(
             await self._channel.call(
                 "predict", *_where(target), signature_name, inputs, list(output_filter), timeout_ms, size=size
