@@ -311,7 +311,7 @@ def get_counter(server, name: str) -> float:
     return tf.make_ndarray(response.outputs["output"])
 
 
-def _children(pid: int) -> dict[int, bytes]:
+def children(pid: int) -> dict[int, bytes]:
     """`pid`'s children: pid -> command line."""
     found = {}
     for entry in Path("/proc").iterdir():
@@ -327,7 +327,7 @@ def _children(pid: int) -> dict[int, bytes]:
 
 def model_pid(server) -> int:
     """The process holding the models: the server's, or with `--num_workers` its model process."""
-    for pid, cmdline in _children(server.proc.pid).items():
+    for pid, cmdline in children(server.proc.pid).items():
         if b"pyserving.workers\0model" in cmdline:
             return pid
     return server.proc.pid
@@ -335,8 +335,8 @@ def model_pid(server) -> int:
 
 def server_rss_mib(server) -> float:
     """The server's RSS: with `--num_workers`, its processes' together (supervisor, model process, workers)."""
-    children = [pid for pid, cmdline in _children(server.proc.pid).items() if b"pyserving.workers" in cmdline]
-    return rss_mib(server.proc.pid) + sum(rss_mib(pid) for pid in children)
+    workers = [pid for pid, cmdline in children(server.proc.pid).items() if b"pyserving.workers" in cmdline]
+    return rss_mib(server.proc.pid) + sum(rss_mib(pid) for pid in workers)
 
 
 def bad_model_start_error() -> str:

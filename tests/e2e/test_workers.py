@@ -22,6 +22,7 @@ from helpers import (
     HALF_PLUS_TWO,
     MODELS,
     bad_model_start_error,
+    children,
     free_port,
     grpc_predict,
     post,
@@ -35,21 +36,13 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 PREDICT = "/v1/models/half_plus_two:predict"
 
 
-def _children(pid: int) -> dict[str, int]:
+def _roles(pid: int) -> dict[str, int]:
     """The server's children by role: "model", "worker 0", "worker 1"..."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and b"pyserving.workers" in cmdline:
-            args = [part.decode() for part in cmdline[cmdline.index(b"pyserving.workers") + 1 :] if part]
-            found[" ".join(args)] = int(entry.name)
+    for child, cmdline in children(pid).items():
+        parts = cmdline.split(b"\0")
+        if b"pyserving.workers" in parts:
+            found[" ".join(part.decode() for part in parts[parts.index(b"pyserving.workers") + 1 :] if part)] = child
     return found
 
 
@@ -74,8 +67,8 @@ def test_two_workers_answer_rest_grpc_and_v2_with_the_model_loaded_once(start_se
         "--enable_batching",
         "--metrics_path=/metrics",
     )
-    children = _children(server.proc.pid)
-    assert sorted(children) == ["model", "worker 0", "worker 1"]
+    roles = _roles(server.proc.pid)
+    assert sorted(roles) == ["model", "worker 0", "worker 1"]
     for _ in range(10):  # a new connection each time: the kernel spreads them over both workers
         r = post(server.rest + PREDICT, {"instances": [1.0, 2.0, 5.0]})
         assert (r.status_code, r.json()) == (200, {"predictions": [2.5, 3.0, 4.5]})
@@ -102,9 +95,9 @@ def test_two_workers_answer_rest_grpc_and_v2_with_the_model_loaded_once(start_se
     # One merged scrape: the 23 calls (21 inferences, metadata, status) counted in whichever worker served them.
     assert _ok_count(server) == 23.0
     # TensorFlow and the model live in the model process only: a worker imports TF's protos, not TF.
-    model_rss = rss_mib(children["model"])
+    model_rss = rss_mib(roles["model"])
     for role in ("worker 0", "worker 1"):
-        assert rss_mib(children[role]) < 150 < model_rss, (role, rss_mib(children[role]), model_rss)
+        assert rss_mib(roles[role]) < 150 < model_rss, (role, rss_mib(roles[role]), model_rss)
     assert rss_mib(server.proc.pid) < 100  # the supervisor imports no TensorFlow either
 
 
@@ -113,7 +106,7 @@ def test_big_tensors_travel_in_shared_memory_and_leave_no_file(start_server):
     run_dir = Path(
         next(
             entry.split("=", 1)[1]
-            for entry in Path(f"/proc/{_children(server.proc.pid)['model']}/environ").read_text().split("\0")
+            for entry in Path(f"/proc/{_roles(server.proc.pid)['model']}/environ").read_text().split("\0")
             if entry.startswith("PYSERVING_WORKERS_DIR=")
         )
     )
@@ -151,7 +144,7 @@ def test_a_refused_model_name_costs_the_model_process_nothing_until_the_models_c
     for _ in range(20):  # new connections: both workers meet the refusal once
         r = post(server.rest + unknown, {"instances": [1.0]})
         assert (r.status_code, r.json()) == (404, {"error": "Servable not found for request: Latest(nope)"})
-    model = _children(server.proc.pid)["model"]
+    model = _roles(server.proc.pid)["model"]
     os.kill(model, signal.SIGSTOP)  # a round trip now would wait for the model process
     try:
         for _ in range(10):
@@ -169,17 +162,17 @@ def test_a_refused_model_name_costs_the_model_process_nothing_until_the_models_c
 
 def test_a_dead_worker_is_restarted_and_the_model_process_keeps_serving(start_server):
     server = _start(start_server, "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
-    children = _children(server.proc.pid)
-    os.kill(children["worker 1"], signal.SIGKILL)
+    roles = _roles(server.proc.pid)
+    os.kill(roles["worker 1"], signal.SIGKILL)
     wait_for(
-        lambda: f"Worker 1 (pid {children['worker 1']}) exited with code -9; restarting it" in server.output(),
+        lambda: f"Worker 1 (pid {roles['worker 1']}) exited with code -9; restarting it" in server.output(),
         20,
         "the restart log line",
     )
     wait_for(lambda: server.output().count("NET_LOG: Entering the event loop") == 3, 60, "the new worker")
-    again = _children(server.proc.pid)
-    assert again["model"] == children["model"] and again["worker 0"] == children["worker 0"]
-    assert again["worker 1"] != children["worker 1"]
+    again = _roles(server.proc.pid)
+    assert again["model"] == roles["model"] and again["worker 0"] == roles["worker 0"]
+    assert again["worker 1"] != roles["worker 1"]
     for _ in range(10):
         r = post(server.rest + PREDICT, {"instances": [1.0]})
         assert (r.status_code, r.json()) == (200, {"predictions": [2.5]})
@@ -194,7 +187,7 @@ def test_the_unix_socket_is_worker_0s_and_comes_back_with_it(start_server, tmp_p
     assert server.output().count(f"Running gRPC ModelServer at UNIX socket {path}") == 1
     with grpc.insecure_channel(f"unix:{path}") as channel:
         assert list(grpc_predict(channel, "half_plus_two", (1.0,)).outputs["y"].float_val) == [2.5]
-    first = _children(server.proc.pid)["worker 0"]
+    first = _roles(server.proc.pid)["worker 0"]
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: server.output().count("NET_LOG: Entering the event loop") == 3, 60, "worker 0 again")
     assert server.output().count(f"Running gRPC ModelServer at UNIX socket {path}") == 2
@@ -218,7 +211,7 @@ def test_the_supervisor_may_be_pid_1_as_in_a_container(tmp_path):
         wait_for(lambda: (tmp_path / "server.log").read_text().count("Entering the event loop") == 2, 90, "workers")
         r = post(f"http://127.0.0.1:{rest}{PREDICT}", {"instances": [1.0]})
         assert (r.status_code, r.json()) == (200, {"predictions": [2.5]})
-        [supervisor] = [pid for pid, _ in _all_children(outer.pid)]  # pid 1 in its namespace
+        [supervisor] = children(outer.pid)  # pid 1 in its namespace
         namespace_pids = Path(f"/proc/{supervisor}/status").read_text().split("NSpid:")[1].split("\n")[0].split()
         assert namespace_pids[-1] == "1"
         os.kill(supervisor, signal.SIGTERM)
@@ -230,33 +223,20 @@ def test_the_supervisor_may_be_pid_1_as_in_a_container(tmp_path):
         log.close()
 
 
-def _all_children(pid: int) -> list[tuple[int, bytes]]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append((int(entry.name), cmdline))
-    return found
-
-
 def test_the_model_process_dying_stops_the_server(start_server):
     server = _start(start_server, "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
-    children = _children(server.proc.pid)
-    os.kill(children["model"], signal.SIGKILL)
+    roles = _roles(server.proc.pid)
+    os.kill(roles["model"], signal.SIGKILL)
     assert server.proc.wait(30) == 1
-    assert f"The model process (pid {children['model']}) exited with code -9; stopping the server" in server.output()
+    assert f"The model process (pid {roles['model']}) exited with code -9; stopping the server" in server.output()
     time.sleep(0.5)
-    for pid in children.values():  # the workers are gone too
+    for pid in roles.values():  # the workers are gone too
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
 def test_sigterm_drains_the_workers_then_stops_the_model_process(start_server):
     server = _start(start_server, "--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
-    children = _children(server.proc.pid)
+    roles = _roles(server.proc.pid)
     with grpc.insecure_channel(server.grpc) as channel:
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = "half_plus_two"
@@ -266,7 +246,7 @@ def test_sigterm_drains_the_workers_then_stops_the_model_process(start_server):
     assert output.count("Server stopped") == 3  # each worker, then the supervisor
     assert "Model process stopped" in output
     assert output.index("I pyserving worker 0] Server stopped") < output.index("Model process stopped")
-    for pid in children.values():
+    for pid in roles.values():
         assert not Path(f"/proc/{pid}").exists()
 
 

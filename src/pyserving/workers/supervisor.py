@@ -175,10 +175,10 @@ class _Supervisor:
         os.close(write_end)
         try:
             while True:
-                if self._stopping():
+                if (stop := self._shutdown_signal()) is not None:
                     model.kill()
                     model.wait()
-                    return 128 + next(sig for sig in self._signals if sig != signal.SIGHUP)
+                    return 128 + stop
                 ready, _, _ = select.select([read_end], [], [], _POLL_S)
                 if ready:
                     if os.read(read_end, 1) == b"R":
@@ -202,11 +202,11 @@ class _Supervisor:
         budget = max(self._options.shutdown_delay_seconds, 0) + max(self._options.shutdown_grace_period_seconds, 0)
         deadline = time.monotonic() + budget + 30
         while any(proc.poll() is None for proc in workers):
-            if self._stopping():
+            if (stop := self._shutdown_signal()) is not None:
                 log.warning("Second shutdown signal: exiting without waiting for in-flight requests")
                 self._kill_workers()
                 model.kill()
-                return 128 + next(sig for sig in self._signals if sig != signal.SIGHUP)
+                return 128 + stop
             if time.monotonic() > deadline:
                 log.error("Workers still running %d s after SIGTERM: killing them", budget + 30)
                 self._kill_workers()
@@ -216,9 +216,9 @@ class _Supervisor:
         log.info("Server stopped")
         return 0
 
-    def _stopping(self) -> bool:
-        """Whether a shutdown signal came (SIGHUP, a reload, does not count, wherever it sits in the list)."""
-        return any(sig != signal.SIGHUP for sig in self._signals)
+    def _shutdown_signal(self) -> int | None:
+        """The first shutdown signal received, if any (SIGHUP, a reload, is not one, wherever it sits)."""
+        return next((sig for sig in self._signals if sig != signal.SIGHUP), None)
 
     def _stop_model(self, model: subprocess.Popen[bytes]) -> None:
         model.send_signal(signal.SIGTERM)
