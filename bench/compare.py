@@ -316,10 +316,12 @@ def wrk(url: str, body: bytes, connections: int, seconds: float, work: Path, tim
     # wrk pads the unit to two characters: a latency of a second or more ends in "s " (a trailing space).
     p50 = re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M)
+    latency = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M)  # avg, stdev, max
     return {
         "rps": float(rps.group(1)) if rps else 0.0,
         "p50": _ms(p50.group(1)) if p50 else math.nan,
         "p99": _ms(p99.group(1)) if p99 else math.nan,
+        "max": _ms(latency.group(1)) if latency else math.nan,
         "errors": errors,
     }
 
@@ -357,6 +359,7 @@ def h2load(port: int, body: bytes, connections: int, seconds: float, work: Path,
         "rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
         "p50": durations[len(durations) // 2],
         "p99": durations[int(len(durations) * 0.99)],
+        "max": durations[-1],
         "errors": int(done.group(1)) - int(done.group(2)) if done else (0 if status else -1),
     }
 

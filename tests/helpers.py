@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -188,6 +189,24 @@ def predict_request(name="half_plus_two", values=(1.0, 2.0, 5.0), **spec) -> pre
 def post(url: str, body, **kwargs) -> requests.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return requests.post(url, data=data, timeout=30, **kwargs)
+
+
+def call_latencies(server, done: Callable[[], bool]) -> tuple[list[float], list[float]]:
+    """Seconds each of back-to-back REST and gRPC half_plus_two predicts took (alternating) until `done()`."""
+    rest, grpc_times = [], []
+    session = requests.Session()
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        stub.Predict(predict_request(), timeout=10)
+        while not done():
+            started = time.monotonic()
+            url = server.rest + "/v1/models/half_plus_two:predict"
+            assert session.post(url, data='{"instances": [1.0]}', timeout=10).ok
+            rest.append(time.monotonic() - started)
+            started = time.monotonic()
+            stub.Predict(predict_request(), timeout=10)
+            grpc_times.append(time.monotonic() - started)
+    return rest, grpc_times
 
 
 def grpc_predict(channel, name: str, x=(1.0,), **spec) -> predict_pb2.PredictResponse:

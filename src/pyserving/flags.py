@@ -180,6 +180,16 @@ class Options:
         "pyserving: most bytes a request's input tensors may take once decoded, checked before they are built "
         "(INVALID_ARGUMENT / 400 beyond it; 0 = no limit). Default: 2 GiB, or a quarter of the memory if less",
     )
+    rest_api_codec_process_min_bytes: int = _flag(
+        1024 * 1024,
+        INT64,
+        "pyserving: REST predict, classify and regress bodies (and predict answers) of at least this many bytes "
+        "are parsed (written) in a codec process, so that they do not stall this process's other clients "
+        "(0 = never)",
+    )
+    rest_api_codec_processes: int = _flag(
+        1, INT32, "pyserving: most codec processes per serving process (each started at the first big body)"
+    )
     rest_api_read_timeout_seconds: int = _flag(
         30, INT32, "pyserving: time a REST client has to send a whole request before it is disconnected"
     )

@@ -52,6 +52,7 @@ from pyserving.runtimes.servable import Servable
 from pyserving.serving import DataPlane, ModelSpec, Target
 from pyserving.transports import grpc as grpc_transport
 from pyserving.transports import http
+from pyserving.workers.codecs import CodecProcesses
 
 __all__ = ["Server", "Servicers", "build", "grpc_servicers", "rest_router", "run"]
 
@@ -164,7 +165,8 @@ def rest_router(server: Server) -> http.Router:
         options.rest_api_enable_cors_support,
         options.rest_api_max_body_bytes,
     )
-    router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings), ignore_case=True)
+    codecs = CodecProcesses(options.rest_api_codec_processes, options.rest_api_codec_process_min_bytes, pool)
+    router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings, codecs), ignore_case=True)
     v2_settings = v2_rest.V2Settings(options.rest_api_timeout_in_ms, options.rest_api_max_body_bytes)
     router.mount(v2_rest.PREFIX, v2_rest.V2RestApi(Inference(server.dataplane, server.core, pool), pool, v2_settings))
     return router

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,18 @@ import grpc
 import pytest
 import requests
 import tensorflow as tf
-from helpers import HALF_PLUS_TWO, Traffic, copy_version, post, predict_request, server_rss_mib, statuses, wait_for
+from helpers import (
+    HALF_PLUS_TWO,
+    Traffic,
+    call_latencies,
+    children,
+    copy_version,
+    post,
+    predict_request,
+    server_rss_mib,
+    statuses,
+    wait_for,
+)
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -238,6 +251,8 @@ def _too_big(name: str, shape: str, size: int) -> str:
 
 
 def test_decoded_tensor_limit_refuses_before_allocating(limited):
+    # A body of 1 MiB starts the codec process (its memory is not this test's subject) before RSS is read.
+    assert post(limited.rest + PREDICT, b" " * 2**20 + b"{}").status_code == 400
     rss = server_rss_mib(limited)
     floats = _compact_request(types_pb2.DT_FLOAT, [100_000_000], float_val=[1.0])
     assert floats.inputs["x"].ByteSize() < 30
@@ -441,3 +456,60 @@ def test_soak_valid_and_invalid_traffic_while_versions_change(start_server, tmp_
     assert valid.sent > 100 and invalid["sent"] > 100
     assert max(rss) - rss[0] < 300
     assert server.proc.poll() is None
+
+
+def _codec_processes(pid: int) -> list[int]:
+    """The codec processes under the server `pid` (its own, or with --num_workers its workers')."""
+    found = []
+    for child, cmdline in children(pid).items():
+        if b"pyserving.workers\0codec" in cmdline:
+            found.append(child)
+        found.extend(_codec_processes(child))
+    return found
+
+
+def test_big_bodies_delay_neither_rest_nor_grpc(start_server):
+    """A big body parsed, or a big answer written, under the server's GIL held every client up for as long
+    (a 19 MiB body: 0.3 to 0.65 s). They run in a codec process, so concurrent REST and gRPC calls stay fast;
+    the process and its shared-memory folder go with the server."""
+    folders = set(Path("/dev/shm").glob("pyserving-codec-*"))
+    server = start_server("--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
+    count = 5_000_000
+    hostile = b'{"signature_name": 5, "inputs": [' + b"1," * (count - 1) + b"1]}"  # 9.5 MiB
+    valid = b'{"instances": [' + b"1.5," * (count - 1) + b"1.5]}"  # 19 MiB in, 28.6 MiB out
+    expected = b'{\n    "predictions": [' + b", ".join([b"2.75"] * count) + b"\n    ]\n}"
+    answers: list[tuple[int, bytes]] = []
+
+    def attack(body: bytes, times: int) -> None:
+        session = requests.Session()
+        for _ in range(times):
+            response = session.post(server.rest + PREDICT, data=body, timeout=120)
+            answers.append((response.status_code, response.content))
+
+    attack(hostile, 1)  # the codec process starts (once)
+    quiet_end = time.monotonic() + 1.5
+    quiet_rest, quiet_grpc = call_latencies(server, lambda: time.monotonic() >= quiet_end)
+    attackers = [threading.Thread(target=attack, args=(hostile, 3)), threading.Thread(target=attack, args=(valid, 2))]
+    for attacker in attackers:
+        attacker.start()
+    busy_rest, busy_grpc = call_latencies(server, lambda: not any(a.is_alive() for a in attackers))
+    for attacker in attackers:
+        attacker.join()
+
+    assert len(answers) == 6 and len(busy_rest) > 100
+    refusals = [content for status, content in answers if status == 400]
+    assert len(refusals) == 4 and all(content == refusals[0] for content in refusals)
+    message = json.loads(refusals[0])["error"]
+    assert message.startswith('JSON Value: {\n    "signature_name": 5,\n    "inputs": [1, 1, 1,')
+    assert message.endswith("not formatted correctly. 'signature_name' key must be a string value.")
+    assert len(refusals[0]) < 64 * 1024  # an error costs the size of its message, not of the body
+    assert [content == expected for status, content in answers if status == 200] == [True, True]
+    # The worst call under attack stays within a few milliseconds of the quiet ones (2-core machine: 100 ms).
+    assert max(busy_rest) < max(quiet_rest) + 0.1, (statistics.median(busy_rest), max(busy_rest), max(quiet_rest))
+    assert max(busy_grpc) < max(quiet_grpc) + 0.1, (statistics.median(busy_grpc), max(busy_grpc), max(quiet_grpc))
+    codecs = _codec_processes(server.proc.pid)  # one (with --num_workers, one per worker that got a big body)
+    assert codecs and server.output().count("Started codec process ") == len(codecs)
+
+    server.stop()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in codecs), timeout=10)
+    assert set(Path("/dev/shm").glob("pyserving-codec-*")) == folders

@@ -8,11 +8,9 @@ import statistics
 import threading
 import time
 
-import grpc
 import pytest
 import requests
-from helpers import HALF_PLUS_TWO, post, predict_request
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from helpers import HALF_PLUS_TWO, call_latencies, post
 
 PREDICT = "/v1/models/half_plus_two:predict"
 HEAD_ERROR = {"error": "Request header fields exceed the limit of 65536 bytes or 100 headers"}
@@ -105,20 +103,8 @@ def test_an_endless_header_delays_neither_rest_nor_grpc(half_plus_two):
     concurrent REST and gRPC calls stay fast throughout."""
 
     def latencies(seconds: float) -> tuple[list[float], list[float]]:
-        rest, grpc_times = [], []
-        session = requests.Session()
-        with grpc.insecure_channel(half_plus_two.grpc) as channel:
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            stub.Predict(predict_request(), timeout=10)
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                started = time.monotonic()
-                assert session.post(half_plus_two.rest + PREDICT, data='{"instances": [1.0]}', timeout=10).ok
-                rest.append(time.monotonic() - started)
-                started = time.monotonic()
-                stub.Predict(predict_request(), timeout=10)
-                grpc_times.append(time.monotonic() - started)
-        return rest, grpc_times
+        end = time.monotonic() + seconds
+        return call_latencies(half_plus_two, lambda: time.monotonic() >= end)
 
     quiet_rest, quiet_grpc = latencies(1.5)
     stop, outcomes = threading.Event(), [{}, {}]

@@ -1,4 +1,5 @@
-"""`python -m pyserving.workers model|worker INDEX`: a child of the `--num_workers` supervisor."""
+"""`python -m pyserving.workers model|worker INDEX`: a child of the `--num_workers` supervisor;
+`python -m pyserving.workers codec FD`: a codec process (`codecs`) of any serving process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from pyserving.workers.supervisor import ARGV_ENV, DIR_ENV, READY_FD_ENV, die_wi
 
 def main() -> int:
     role = sys.argv[1]
+    if role == "codec":  # no parent-death signal: it exits when its socket closes (workers.codecs)
+        cli.configure_logging("pyserving codec")
+        _protos_only_tensorflow()
+        from pyserving.workers import codecs
+
+        return codecs.serve(int(sys.argv[2]))
     die_with_parent()
     options = flags.parse(json.loads(os.environ[ARGV_ENV])).options
     run_dir = os.environ[DIR_ENV]
@@ -33,9 +40,9 @@ def main() -> int:
 
 
 def _protos_only_tensorflow() -> None:
-    """Let a worker import TensorFlow's generated protos (`tensorflow.core.*_pb2`, which the protocols and
-    tensorflow_serving's APIs use) without running `tensorflow/__init__.py`, which loads the whole library
-    (about 450 MiB of a worker's RSS). Workers never run TensorFlow ops: the model process does."""
+    """Let a worker or a codec process import TensorFlow's generated protos (`tensorflow.core.*_pb2`, which the
+    protocols and tensorflow_serving's APIs use) without running `tensorflow/__init__.py`, which loads the whole
+    library (about 450 MiB of a worker's RSS). They never run TensorFlow ops: the model process does."""
     spec = importlib.util.find_spec("tensorflow")
     if spec is None or spec.submodule_search_locations is None:
         return

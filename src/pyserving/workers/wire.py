@@ -47,6 +47,7 @@ __all__ = [
     "error_reply",
     "raise_error",
     "read_frame",
+    "read_frame_blocking",
 ]
 
 REQUEST, REPLY, ERROR = 0, 1, 2
@@ -222,6 +223,26 @@ async def read_frame(reader: asyncio.StreamReader) -> bytearray | None:
         return None
 
 
+def read_frame_blocking(connection: socket.socket) -> bytearray | None:
+    """`read_frame` from a blocking socket; None at the end of the stream."""
+    head = bytearray(_LENGTH.size)
+    if not connection.recv_into(head, 1):
+        return None
+    _recv_into(connection, memoryview(head)[1:])
+    frame = bytearray(_LENGTH.unpack(head)[0])
+    _recv_into(connection, memoryview(frame))
+    return frame
+
+
+def _recv_into(connection: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        count = connection.recv_into(view[got:])
+        if not count:
+            raise ConnectionResetError("the other process closed the connection in the middle of a frame")
+        got += count
+
+
 # Calls whose tracing attributes (`tracing.recorded`) travel back with the result, or with the error: with
 # --enable_tracing their result is (result, attributes).
 TRACED = frozenset(["predict", "classify", "regress", "multi_inference"])
@@ -283,21 +304,13 @@ class BlockingChannel:
         """The model process's answer; its `ServingError`; `OSError` if the connection failed."""
         parts = encode((REQUEST, 0, method, args), self._shm_dir)
         self._socket.sendall(b"".join(parts))
-        head = self._recv(_LENGTH.size)
-        kind, _, result = decode(self._recv(_LENGTH.unpack(head)[0]), self._shm_dir)
+        frame = read_frame_blocking(self._socket)
+        if frame is None:
+            raise ConnectionResetError("the model process closed the connection")
+        kind, _, result = decode(frame, self._shm_dir)
         if kind == ERROR:
             raise_error(result)
         return result
-
-    def _recv(self, size: int) -> bytearray:
-        data = bytearray(size)
-        view, got = memoryview(data), 0
-        while got < size:
-            count = self._socket.recv_into(view[got:])
-            if not count:
-                raise ConnectionResetError("the model process closed the connection")
-            got += count
-        return data
 
     def close(self) -> None:
         self._socket.close()

@@ -24,16 +24,17 @@ from urllib.parse import unquote
 
 import numpy as np
 from google.protobuf import json_format
-from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, input_pb2
 
 from pyserving import metrics, tensors, tracing
 from pyserving.concurrency import run_sized, run_sync
 from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument
+from pyserving.protocols.tfs import bodies
 from pyserving.protocols.tfs.json import examples, predict_request, predict_response
-from pyserving.protocols.tfs.json.document import encode_error, parse_object, signature_name
-from pyserving.runtimes.servable import DEFAULT_SIGNATURE
-from pyserving.serving import DataPlane, ModelSpec, VersionStatus
+from pyserving.protocols.tfs.json.document import encode_error, signature_name
+from pyserving.serving import DataPlane, ModelSpec, PredictResult, Target, VersionStatus
 from pyserving.transports import http
+from pyserving.workers.codecs import CodecProcesses
 
 __all__ = ["NOT_FOUND_RESPONSE", "PREFIX", "RestApi", "RestSettings"]
 
@@ -82,9 +83,16 @@ class RestSettings:
 class RestApi:
     """ASGI app serving `/v1/models/...`: predict, classify, regress, status and metadata."""
 
-    def __init__(self, dataplane: DataPlane, pool: ThreadPoolExecutor, settings: RestSettings) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        pool: ThreadPoolExecutor,
+        settings: RestSettings,
+        codecs: CodecProcesses | None = None,
+    ) -> None:
         self._dataplane = dataplane
         self._pool = pool
+        self._codecs = codecs
         self._settings = settings
         self._cors = _CORS_HEADERS if settings.cors else []
         self._json_headers = _JSON_HEADERS + self._cors
@@ -148,7 +156,7 @@ class RestApi:
                 spec = _model_spec(*match.group(1, 2, 3))
                 if verb == "predict":
                     return spec.name, verb, functools.partial(self._predict, spec)
-                return spec.name, verb, functools.partial(run_sync, self._pool, self._classify_or_regress, verb, spec)
+                return spec.name, verb, functools.partial(self._classify_or_regress, verb, spec)
         elif method == "GET":
             match = _GET.fullmatch(path)
             if match:
@@ -161,29 +169,52 @@ class RestApi:
         raise invalid_argument(f"Malformed request: {method} {path}")
 
     async def _predict(self, spec: ModelSpec, body: bytes) -> bytes:
-        """The hot path: codecs inline for small bodies, the session call off the loop."""
-        doc = await run_sized(self._pool, len(body), predict_request.parse_predict, body)
-        key = signature_name(doc)
-        with self._dataplane.resolve(spec) as target:
-            signature = target.signature_defs.get(key or DEFAULT_SIGNATURE)
-            if signature is None:
-                raise invalid_argument(f'Serving signature name: "{key}" not found in signature def')
-            inputs = await run_sized(self._pool, len(body), predict_request.decode_predict, doc, signature, key, body)
-            _check_decoded(inputs.tensors, len(body), self._dataplane.max_decoded_bytes)
-            result = await self._dataplane.predict(
-                target, key, inputs.tensors, timeout_ms=self._settings.timeout_ms, executor=self._pool
-            )
-        return await run_sized(
-            self._pool,
-            predict_response.encoded_size(result.outputs),
-            predict_response.encode_predict,
-            result.outputs,
-            inputs.format,
+        """The hot path: codecs inline for small bodies, the session call off the loop; a big body is parsed and
+        decoded, a big answer written, in a codec process."""
+        codecs = self._codecs
+        if codecs is not None and codecs.wanted(len(body)):
+            try:
+                target = self._dataplane.resolve(spec)
+            except ServingError:
+                await codecs.run(bodies.CHECK_PREDICT, body)  # a parse error comes first, as in TF Serving
+                raise
+            with target:
+                key, inputs = await codecs.run(bodies.DECODE_PREDICT, body, dict(target.signature_defs))
+                result = await self._run_predict(target, key, inputs, len(body))
+        else:
+            doc = await run_sized(self._pool, len(body), predict_request.parse_predict, body)
+            key = signature_name(doc)
+            with self._dataplane.resolve(spec) as target:
+                signature = bodies.predict_signature(target.signature_defs, key)
+                inputs = await run_sized(
+                    self._pool, len(body), predict_request.decode_predict, doc, signature, key, body
+                )
+                result = await self._run_predict(target, key, inputs, len(body))
+        size = predict_response.encoded_size(result.outputs)
+        if codecs is not None and codecs.wanted(size):
+            answer = await codecs.run(bodies.ENCODE_PREDICT, result.outputs, inputs.format)
+            return await run_sync(self._pool, bytes, answer)  # from its shared memory (ASGI servers want bytes)
+        return await run_sized(self._pool, size, predict_response.encode_predict, result.outputs, inputs.format)
+
+    async def _run_predict(
+        self, target: Target, key: str, inputs: predict_request.PredictInputs, body_size: int
+    ) -> PredictResult:
+        _check_decoded(inputs.tensors, body_size, self._dataplane.max_decoded_bytes)
+        return await self._dataplane.predict(
+            target, key, inputs.tensors, timeout_ms=self._settings.timeout_ms, executor=self._pool
         )
 
-    def _classify_or_regress(self, verb: str, spec: ModelSpec, body: bytes) -> bytes:
-        doc = parse_object(body)
-        key, request_input = signature_name(doc), examples.decode_input(doc)
+    async def _classify_or_regress(self, verb: str, spec: ModelSpec, body: bytes) -> bytes:
+        """Whole on a worker thread; a big body is parsed and decoded in a codec process first."""
+        decoded = None
+        if self._codecs is not None and self._codecs.wanted(len(body)):
+            decoded = await self._codecs.run(bodies.DECODE_EXAMPLES, body)
+        return await run_sync(self._pool, self._run_classify_or_regress, verb, spec, body, decoded)
+
+    def _run_classify_or_regress(
+        self, verb: str, spec: ModelSpec, body: bytes, decoded: tuple[str, input_pb2.Input] | None
+    ) -> bytes:
+        key, request_input = decoded if decoded is not None else bodies.decode_examples(body)
         timeout_ms = self._settings.timeout_ms
         with self._dataplane.resolve(spec) as target:
             if verb == "classify":
