@@ -183,9 +183,9 @@ class Options:
     rest_api_codec_process_min_bytes: int = _flag(
         1024 * 1024,
         INT64,
-        "pyserving: REST predict, classify and regress bodies (and predict answers) of at least this many bytes "
-        "are parsed (written) in a codec process, so that they do not stall this process's other clients "
-        "(0 = never)",
+        "pyserving: REST bodies (predict, classify, regress, V2 infer) and predict and infer answers of at least "
+        "this many bytes are parsed (written) in a codec process, so that they do not stall this process's other "
+        "clients (0 = never)",
     )
     rest_api_codec_processes: int = _flag(
         1, INT32, "pyserving: most codec processes per serving process (each started at the first big body)"

@@ -168,7 +168,8 @@ def rest_router(server: Server) -> http.Router:
     codecs = CodecProcesses(options.rest_api_codec_processes, options.rest_api_codec_process_min_bytes, pool)
     router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings, codecs), ignore_case=True)
     v2_settings = v2_rest.V2Settings(options.rest_api_timeout_in_ms, options.rest_api_max_body_bytes)
-    router.mount(v2_rest.PREFIX, v2_rest.V2RestApi(Inference(server.dataplane, server.core, pool), pool, v2_settings))
+    inference = Inference(server.dataplane, server.core, pool)
+    router.mount(v2_rest.PREFIX, v2_rest.V2RestApi(inference, pool, v2_settings, codecs))
     return router
 
 

@@ -470,15 +470,18 @@ def _codec_processes(pid: int) -> list[int]:
 
 def test_big_bodies_delay_neither_rest_nor_grpc(start_server):
     """A big body parsed, or a big answer written, under the server's GIL held every client up for as long
-    (a 19 MiB body: 0.3 to 0.65 s). They run in a codec process, so concurrent REST and gRPC calls stay fast;
-    the process and its shared-memory folder go with the server."""
+    (a 19 MiB body: 0.3 to 0.65 s). They run in a codec process (TF Serving's API and V2 REST), so concurrent
+    REST and gRPC calls stay fast; the process and its shared-memory folder go with the server."""
     folders = set(Path("/dev/shm").glob("pyserving-codec-*"))
     server = start_server("--model_name=half_plus_two", f"--model_base_path={HALF_PLUS_TWO}")
     count = 5_000_000
     hostile = b'{"signature_name": 5, "inputs": [' + b"1," * (count - 1) + b"1]}"  # 9.5 MiB
     valid = b'{"instances": [' + b"1.5," * (count - 1) + b"1.5]}"  # 19 MiB in, 28.6 MiB out
     expected = b'{\n    "predictions": [' + b", ".join([b"2.75"] * count) + b"\n    ]\n}"
+    rows = count // 2
+    v2 = json.dumps({"inputs": [{"name": "x", "shape": [rows, 1], "datatype": "FP32", "data": [1.5] * rows}]})
     answers: list[tuple[int, bytes]] = []
+    v2_answers: list[tuple[int, dict]] = []
 
     def attack(body: bytes, times: int) -> None:
         session = requests.Session()
@@ -486,10 +489,20 @@ def test_big_bodies_delay_neither_rest_nor_grpc(start_server):
             response = session.post(server.rest + PREDICT, data=body, timeout=120)
             answers.append((response.status_code, response.content))
 
+    def attack_v2(times: int) -> None:
+        session = requests.Session()
+        for _ in range(times):
+            response = session.post(server.rest + "/v2/models/half_plus_two/infer", data=v2, timeout=120)
+            v2_answers.append((response.status_code, response.json()))
+
     attack(hostile, 1)  # the codec process starts (once)
     quiet_end = time.monotonic() + 1.5
     quiet_rest, quiet_grpc = call_latencies(server, lambda: time.monotonic() >= quiet_end)
-    attackers = [threading.Thread(target=attack, args=(hostile, 3)), threading.Thread(target=attack, args=(valid, 2))]
+    attackers = [
+        threading.Thread(target=attack, args=(hostile, 3)),
+        threading.Thread(target=attack, args=(valid, 2)),
+        threading.Thread(target=attack_v2, args=(2,)),
+    ]
     for attacker in attackers:
         attacker.start()
     busy_rest, busy_grpc = call_latencies(server, lambda: not any(a.is_alive() for a in attackers))
@@ -504,6 +517,11 @@ def test_big_bodies_delay_neither_rest_nor_grpc(start_server):
     assert message.endswith("not formatted correctly. 'signature_name' key must be a string value.")
     assert len(refusals[0]) < 64 * 1024  # an error costs the size of its message, not of the body
     assert [content == expected for status, content in answers if status == 200] == [True, True]
+    [(status, v2_answer)] = {(status, json.dumps(answer)) for status, answer in v2_answers}
+    assert status == 200 and len(v2_answers) == 2
+    assert json.loads(v2_answer)["outputs"] == [
+        {"name": "y", "datatype": "FP32", "shape": [rows, 1], "data": [2.75] * rows}
+    ]
     # The worst call under attack stays within a few milliseconds of the quiet ones (2-core machine: 100 ms).
     assert max(busy_rest) < max(quiet_rest) + 0.1, (statistics.median(busy_rest), max(busy_rest), max(quiet_rest))
     assert max(busy_grpc) < max(quiet_grpc) + 0.1, (statistics.median(busy_grpc), max(busy_grpc), max(quiet_grpc))

@@ -8,6 +8,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import orjson
 import pytest
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -15,6 +16,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from pyserving.errors import Code, ServingError
 from pyserving.protocols.tfs import bodies
 from pyserving.protocols.tfs.json import predict_response
+from pyserving.protocols.v2 import bodies as v2_bodies
 from pyserving.workers.codecs import CodecProcesses
 
 
@@ -164,3 +166,30 @@ def test_examples_bodies_decode_to_the_input_proto():
     features = [e.features.feature["x"] for e in request_input.example_list.examples]
     assert [list(f.float_list.value) for f in features] == [[1.5], []]
     assert [list(f.int64_list.value) for f in features] == [[], [2, 3]]
+
+
+def test_an_infer_body_decodes_in_the_child_exactly_as_here():
+    rows = 100_000
+    header = orjson.dumps(
+        {"id": "7", "inputs": [{"name": "x", "shape": [rows], "datatype": "FP32", "data": [0.25] * rows}]}
+    )
+    raw = np.arange(3, dtype=np.float32).tobytes()
+    binary = orjson.dumps(
+        {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}]}
+    )
+    bad_parameter = orjson.dumps({"parameters": {"signature_name": 3}, "inputs": []})
+
+    async def check(codecs):
+        decoded = await codecs.run(v2_bodies.DECODE_INFER, header, None, "m", "", _signatures(), 0)
+        from_raw = await codecs.run(
+            v2_bodies.DECODE_INFER, binary + raw, str(len(binary)).encode(), "m", "2", _signatures(), 0
+        )
+        with pytest.raises(ServingError) as caught:
+            await codecs.run(v2_bodies.CHECK_INFER, bad_parameter, None, "m", "")
+        return decoded, from_raw, caught.value
+
+    (request, key, arrays), (_, _, raw_arrays), error = _run(check)
+    assert (request.id, request.inputs, key) == ("7", [], "serving_default")
+    np.testing.assert_array_equal(arrays["x"], np.full(rows, 0.25, np.float32))
+    np.testing.assert_array_equal(raw_arrays["x"], np.arange(3, dtype=np.float32))
+    assert (error.code, error.message) == (Code.INVALID_ARGUMENT, "parameter 'signature_name' must be a string")

@@ -11,7 +11,7 @@ import pytest
 from helpers import signature_def
 
 from pyserving.errors import Code, ServingError
-from pyserving.protocols.v2 import datatypes, inference, rest
+from pyserving.protocols.v2 import bodies, datatypes, inference
 from pyserving.serving import ModelSpec, PredictResult
 
 NUMERIC = [name for name in datatypes.DATATYPES if name != "BYTES"]
@@ -174,7 +174,7 @@ def test_binary_extension_splits_the_body_by_binary_data_size():
         x.tobytes(),
         b"\x01\x00",
     )
-    request = rest._parse_infer(body, length)
+    request = bodies.parse_infer(body, length)
     assert request.id == "r1" and request.parameters == {"signature_name": "s"}
     assert [(t.name, t.encoding) for t in request.inputs] == [("x", "raw"), ("n", "json"), ("b", "raw")]
     assert bytes(request.inputs[0].data) == x.tobytes() and bytes(request.inputs[2].data) == b"\x01\x00"
@@ -209,7 +209,7 @@ def test_binary_extension_splits_the_body_by_binary_data_size():
 def test_bad_infer_bodies_are_refused(doc, raw, length, message):
     body, head_length = _binary_body(doc, raw)
     with pytest.raises(ServingError) as info:
-        rest._parse_infer(body, length if length is not None or not raw else head_length)
+        bodies.parse_infer(body, length if length is not None or not raw else head_length)
     assert info.value.code == Code.INVALID_ARGUMENT
     assert info.value.message == message
 
@@ -217,14 +217,14 @@ def test_bad_infer_bodies_are_refused(doc, raw, length, message):
 def test_unparsable_json_is_a_bad_request():
     for body in (b"{", b"[1]", b"\xff"):
         with pytest.raises(ServingError) as info:
-            rest._parse_infer(body, None)
+            bodies.parse_infer(body, None)
         assert info.value.code == Code.INVALID_ARGUMENT
 
 
 def test_infer_response_json_and_binary():
     result = PredictResult("m", 3, "serving_default", {"y": np.array([[0.5], [1.5]], np.float32)})
-    request = rest._parse_infer(orjson.dumps({"id": "7", "inputs": []}), None)
-    body, length = rest._encode_infer(result, request)
+    request = bodies.parse_infer(orjson.dumps({"id": "7", "inputs": []}), None)
+    body, length = bodies.encode_infer(result, request)
     assert length is None
     assert orjson.loads(body) == {
         "model_name": "m",
@@ -232,8 +232,8 @@ def test_infer_response_json_and_binary():
         "id": "7",
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [2, 1], "data": [0.5, 1.5]}],
     }
-    request = rest._parse_infer(orjson.dumps({"inputs": [], "parameters": {"binary_data_output": True}}), None)
-    body, length = rest._encode_infer(result, request)
+    request = bodies.parse_infer(orjson.dumps({"inputs": [], "parameters": {"binary_data_output": True}}), None)
+    body, length = bodies.encode_infer(result, request)
     assert orjson.loads(body[:length])["outputs"] == [
         {"name": "y", "datatype": "FP32", "shape": [2, 1], "parameters": {"binary_data_size": 8}}
     ]
@@ -256,13 +256,13 @@ def test_model_specs():
 def test_inputs_are_checked_against_the_signature():
     signature = signature_def(x=1, n=9)  # x: DT_FLOAT, n: DT_INT64
     tensor = inference.InputTensor
-    arrays = inference._decode_inputs(
+    arrays = inference.decode_inputs(
         signature, [tensor("x", "FP32", [2], [1, 2], "json"), tensor("n", "INT64", [1], struct.pack("<q", 5), "raw")], 0
     )
     assert arrays["x"].tolist() == [1.0, 2.0] and arrays["n"].tolist() == [5]
     with pytest.raises(ServingError, match="input 'x' has datatype FP64; the model expects FP32"):
-        inference._decode_inputs(signature, [tensor("x", "FP64", [1], [1], "json")], 0)
+        inference.decode_inputs(signature, [tensor("x", "FP64", [1], [1], "json")], 0)
     with pytest.raises(ServingError, match="input 'x' appears more than once"):
-        inference._decode_inputs(signature, [tensor("x", "FP32", [1], [1], "json")] * 2, 0)
+        inference.decode_inputs(signature, [tensor("x", "FP32", [1], [1], "json")] * 2, 0)
     with pytest.raises(ServingError, match=r"--max_decoded_tensor_bytes"):
-        inference._decode_inputs(signature, [tensor("x", "FP32", [1000], [0] * 1000, "json")], 1000)
+        inference.decode_inputs(signature, [tensor("x", "FP32", [1000], [0] * 1000, "json")], 1000)

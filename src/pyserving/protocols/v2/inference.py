@@ -24,7 +24,7 @@ from pyserving.errors import ServingError, invalid_argument, not_found
 from pyserving.lifecycle.manager import State
 from pyserving.protocols.v2 import datatypes
 from pyserving.runtimes.servable import DEFAULT_SIGNATURE
-from pyserving.serving import DataPlane, ModelSpec, PredictResult
+from pyserving.serving import DataPlane, ModelSpec, PredictResult, Target
 
 __all__ = [
     "EXTENSIONS",
@@ -33,6 +33,8 @@ __all__ = [
     "InputTensor",
     "Inference",
     "Repository",
+    "decode_inputs",
+    "infer_signature",
     "model_spec",
 ]
 
@@ -91,9 +93,24 @@ def model_spec(name: str, version: str, parameters: Mapping[str, Any]) -> ModelS
     return ModelSpec(name, label=version, signature_name=signature)
 
 
-def _decode_inputs(
+def infer_signature(
+    signatures: Mapping[str, meta_graph_pb2.SignatureDef], name: str
+) -> tuple[str, meta_graph_pb2.SignatureDef]:
+    """(key, signature) that an infer call's `signature_name` parameter (`name`, or the default) picks."""
+    key = name or DEFAULT_SIGNATURE
+    signature = signatures.get(key)
+    if signature is None:
+        raise invalid_argument(
+            f"signature '{key}' not found; the model has {', '.join(_names(signatures))} "
+            f"(choose one with the request parameter '{SIGNATURE_PARAMETER}')"
+        )
+    return key, signature
+
+
+def decode_inputs(
     signature: meta_graph_pb2.SignatureDef, inputs: Sequence[InputTensor], max_bytes: int
 ) -> dict[str, np.ndarray]:
+    """The inputs as arrays, checked against the signature and `max_bytes` (> 0) before any is built."""
     checked = []
     for tensor in inputs:
         dims, count, nbytes = datatypes.check_shape(tensor.name, tensor.datatype, tensor.shape)
@@ -139,17 +156,25 @@ class Inference:
     ) -> PredictResult:
         """Run the spec's signature; `size` (the request's bytes) decides whether decoding leaves the loop."""
         with self._dataplane.resolve(spec) as target:
-            key = spec.signature_name or DEFAULT_SIGNATURE
-            signature = target.signature_defs.get(key)
-            if signature is None:
-                raise invalid_argument(
-                    f"signature '{key}' not found; the model has {', '.join(_names(target.signature_defs))} "
-                    f"(choose one with the request parameter '{SIGNATURE_PARAMETER}')"
-                )
+            key, signature = infer_signature(target.signature_defs, spec.signature_name)
             arrays = await run_sized(
-                self.pool, size, _decode_inputs, signature, inputs, self._dataplane.max_decoded_bytes
+                self.pool, size, decode_inputs, signature, inputs, self._dataplane.max_decoded_bytes
             )
             return await self._dataplane.predict(target, key, arrays, outputs, timeout_ms, self.pool)
+
+    def resolve(self, spec: ModelSpec) -> Target:
+        """The data plane's lease of the version `spec` targets (for a body decoded elsewhere: `run`)."""
+        return self._dataplane.resolve(spec)
+
+    @property
+    def max_decoded_bytes(self) -> int:
+        return self._dataplane.max_decoded_bytes
+
+    async def run(
+        self, target: Target, key: str, arrays: dict[str, np.ndarray], outputs: Sequence[str], timeout_ms: int = 0
+    ) -> PredictResult:
+        """`infer` for inputs already decoded against `target`'s signature `key`."""
+        return await self._dataplane.predict(target, key, arrays, outputs, timeout_ms, self.pool)
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "pyserving", "version": pyserving.__version__, "extensions": EXTENSIONS}

@@ -15,22 +15,23 @@ unavailable, 504 timeout...). A ready check that says no answers 400 with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 from pyserving import metrics, tracing
 from pyserving.concurrency import run_sized, run_sync
-from pyserving.errors import INTERNAL_ERROR, Code, ServingError, invalid_argument, not_found
-from pyserving.protocols.v2 import datatypes
-from pyserving.protocols.v2.inference import INFER_SPAN, Inference, InputTensor, model_spec
+from pyserving.errors import INTERNAL_ERROR, Code, ServingError, not_found
+from pyserving.protocols.v2 import bodies
+from pyserving.protocols.v2.inference import INFER_SPAN, Inference, model_spec
 from pyserving.serving import PredictResult
 from pyserving.transports import http
+from pyserving.workers.codecs import CodecProcesses
 
 __all__ = ["HEADER_LENGTH", "PREFIX", "V2RestApi", "V2Settings"]
 
@@ -60,10 +61,13 @@ class _MethodNotAllowed(Exception):
 class V2RestApi:
     """ASGI app serving `/v2...`."""
 
-    def __init__(self, inference: Inference, pool: Executor, settings: V2Settings) -> None:
+    def __init__(
+        self, inference: Inference, pool: Executor, settings: V2Settings, codecs: CodecProcesses | None = None
+    ) -> None:
         self._inference = inference
         self._pool = pool
         self._settings = settings
+        self._codecs = codecs
 
     async def __call__(self, scope: http.Scope, receive: http.Receive, send: http.Send) -> None:
         """ASGI entry point."""
@@ -116,7 +120,7 @@ class V2RestApi:
             return 200 if ready else 400, orjson.dumps({"ready": ready}), _JSON
         if path == "/v2/repository/index":
             _allow(method, "POST")
-            ready_only = _object(body).get("ready", False) is True if body else False
+            ready_only = bodies.json_object(body).get("ready", False) is True if body else False
             return 200, orjson.dumps(await run_sync(self._pool, inference.repository_index, ready_only)), _JSON
         match = _REPOSITORY.fullmatch(path)
         if match is not None:
@@ -127,18 +131,29 @@ class V2RestApi:
         raise not_found(f"no Open Inference Protocol route for {path}")
 
     async def _infer(self, name: str, version: str, scope: http.Scope, body: bytes) -> tuple[int, bytes, http.Headers]:
-        """Parse (with the binary extension), run, encode; request metrics as TF Serving's REST API records them."""
+        """Parse (with the binary extension), run, encode; request metrics as TF Serving's REST API records them.
+        A big body is parsed and decoded, a big answer written, in a codec process."""
         started = time.perf_counter()
         code = Code.OK
+        codecs = self._codecs
         try:
             with tracing.rest_span(INFER_SPAN, scope["headers"], _INFER_ROUTE, name):
-                request = await run_sized(self._pool, len(body), _parse_infer, body, http.header(scope, HEADER_LENGTH))
-                spec = model_spec(name, version, request.parameters)
-                result = await self._inference.infer(
-                    spec, request.inputs, request.outputs, len(body), self._settings.timeout_ms
-                )
+                header = http.header(scope, HEADER_LENGTH)
+                if codecs is not None and codecs.wanted(_json_bytes(body, header)):
+                    request, result = await self._infer_apart(codecs, name, version, header, body)
+                else:
+                    request = await run_sized(self._pool, len(body), bodies.parse_infer, body, header)
+                    spec = model_spec(name, version, request.parameters)
+                    result = await self._inference.infer(
+                        spec, request.inputs, request.outputs, len(body), self._settings.timeout_ms
+                    )
                 size = sum(array.nbytes for array in result.outputs.values())
-                payload, header_length = await run_sized(self._pool, size, _encode_infer, result, request)
+                if codecs is not None and codecs.wanted(size):
+                    described = dataclasses.replace(request, inputs=[])  # raw inputs are views of the body
+                    payload, header_length = await codecs.run(bodies.ENCODE_INFER, result, described)
+                    payload = await run_sync(self._pool, bytes, payload)  # from its shared memory
+                else:
+                    payload, header_length = await run_sized(self._pool, size, bodies.encode_infer, result, request)
         except ServingError as exc:
             code = exc.code
             raise
@@ -152,107 +167,34 @@ class V2RestApi:
             return 200, payload, _JSON
         return 200, payload, [*_BINARY, (HEADER_LENGTH, str(header_length).encode())]
 
-
-@dataclass(slots=True)
-class _InferRequest:
-    id: str
-    parameters: dict[str, Any]
-    inputs: list[InputTensor]
-    outputs: list[str]
-    binary_outputs: set[str]
-
-
-def _parse_infer(body: bytes, header_length: bytes | None) -> _InferRequest:
-    """An infer body: JSON, or a JSON header and the inputs' raw bytes after it."""
-    raw = memoryview(body)[:0]
-    head: bytes | memoryview = body
-    if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise invalid_argument(
-                f"Inference-Header-Content-Length {header_length.decode('latin-1')!r} is not a length "
-                f"within the {len(body)}-byte body"
+    async def _infer_apart(
+        self, codecs: CodecProcesses, name: str, version: str, header: bytes | None, body: bytes
+    ) -> tuple[bodies.InferRequest, PredictResult]:
+        """`_infer`'s first steps with the body parsed and decoded in a codec process."""
+        try:
+            target = self._inference.resolve(model_spec(name, version, {}))
+        except ServingError:
+            await codecs.run(bodies.CHECK_INFER, body, header, name, version)  # the body's errors come first
+            raise
+        with target:
+            request, key, arrays = await codecs.run(
+                bodies.DECODE_INFER,
+                body,
+                header,
+                name,
+                version,
+                dict(target.signature_defs),
+                self._inference.max_decoded_bytes,
             )
-        head, raw = memoryview(body)[: int(header_length)], memoryview(body)[int(header_length) :]
-    doc = _object(head)
-    parameters = _field(doc, "parameters", dict, {})
-    request_id = _field(doc, "id", str, "")
-    inputs, offset = [], 0
-    for entry in _field(doc, "inputs", list, None):
-        if not isinstance(entry, dict):
-            raise invalid_argument("each of 'inputs' must be an object")
-        name = _field(entry, "name", str, None)
-        datatype = _field(entry, "datatype", str, None)
-        shape = _field(entry, "shape", list, None)
-        size = _field(entry, "parameters", dict, {}).get("binary_data_size")
-        if size is not None:
-            if type(size) is not int or size < 0 or offset + size > len(raw):
-                raise invalid_argument(f"input '{name}': binary_data_size {size} is beyond the binary data")
-            inputs.append(InputTensor(name, datatype, shape, raw[offset : offset + size], "raw"))
-            offset += size
-        elif "data" in entry:
-            inputs.append(InputTensor(name, datatype, shape, entry["data"], "json"))
-        else:
-            raise invalid_argument(f"input '{name}' has neither 'data' nor the binary_data_size parameter")
-    if offset != len(raw):
-        raise invalid_argument(f"{len(raw) - offset} bytes of binary data after the inputs' binary_data_size")
-    binary_default = parameters.get("binary_data_output", False) is True
-    outputs, binary_outputs = [], set()
-    for entry in _field(doc, "outputs", list, []):
-        if not isinstance(entry, dict):
-            raise invalid_argument("each of 'outputs' must be an object")
-        name = _field(entry, "name", str, None)
-        outputs.append(name)
-        if _field(entry, "parameters", dict, {}).get("binary_data", binary_default) is True:
-            binary_outputs.add(name)
-    if not outputs and binary_default:
-        binary_outputs = {"*"}
-    return _InferRequest(request_id, parameters, inputs, outputs, binary_outputs)
+            result = await self._inference.run(target, key, arrays, request.outputs, self._settings.timeout_ms)
+        return request, result
 
 
-def _encode_infer(result: PredictResult, request: _InferRequest) -> tuple[bytes, int | None]:
-    """(body, JSON header length when raw outputs follow it)."""
-    every = "*" in request.binary_outputs
-    described, raws = [], []
-    for name, array in result.outputs.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatypes.datatype_of(array), "shape": list(array.shape)}
-        if every or name in request.binary_outputs:
-            raw = datatypes.to_raw(array)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            raws.append(raw)
-        else:
-            entry["data"] = datatypes.to_json(name, array)
-        described.append(entry)
-    doc: dict[str, Any] = {"model_name": result.model, "model_version": str(result.version)}
-    if request.id:
-        doc["id"] = request.id
-    doc["outputs"] = described
-    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not raws:
-        return head, None
-    return b"".join([head, *raws]), len(head)
-
-
-def _object(data: bytes | memoryview) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise invalid_argument(f"failed to parse the request JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise invalid_argument("the request JSON must be an object")
-    return doc
-
-
-def _field(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = doc.get(key, default)
-    if value is None:
-        raise invalid_argument(f"missing '{key}'")
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        what = _KINDS[kind]
-        raise invalid_argument(f"'{key}' must be {'an' if what[0] in 'aeiou' else 'a'} {what}")
-    return value
-
-
-_KINDS = {dict: "object", list: "array", str: "string", int: "integer"}
+def _json_bytes(body: bytes, header_length: bytes | None) -> int:
+    """How much of an infer body is JSON (raw tensors after a JSON header cost nothing to parse)."""
+    if header_length is not None and header_length.isdigit() and int(header_length) <= len(body):
+        return int(header_length)
+    return len(body)
 
 
 def _allow(method: str, allowed: str) -> None:
