@@ -44,10 +44,11 @@ def test_pyserving_help_also_lists_the_tools_and_each_tool_describes_itself():
 def test_usage_lists_every_tensorflow_model_server_flag():
     usage = run_cli("--help", program="tensorflow_model_server").stdout
     names = [line.split("=", 1)[0].strip().lstrip("-") for line in usage.splitlines()[2:]]
-    # TF Serving's 48 flags plus pyserving's 19 (host, drain delay, grace, body and head limits, decoded tensor
+    # TF Serving's 48 flags plus pyserving's 21 (host, drain delay, grace, body and head limits, decoded tensor
     # limit, read timeout, TLS, custom op libraries and modules, model platform, Python processing, its threads
-    # and its timeout, the object-store model cache, the extra metrics path, tracing, protocol workers)
-    assert len(names) == 67
+    # and its timeout, the object-store model cache, the extra metrics path, tracing, protocol workers, codec
+    # processes and their threshold)
+    assert len(names) == 69
     for name in (
         "grpc_socket_path",
         "rest_api_timeout_in_ms",
@@ -62,6 +63,8 @@ def test_usage_lists_every_tensorflow_model_server_flag():
         "num_workers",
         "metrics_path",
         "enable_tracing",
+        "rest_api_codec_process_min_bytes",
+        "rest_api_codec_processes",
     ):
         assert name in names
 
