@@ -5,7 +5,8 @@ Two servers of the tiny model run side by side: codec processes on (the default)
 attack, a Python client posts big bodies back to back while wrk (REST) or h2load (gRPC) sends compare.py's
 batch-1 predict over 4 connections; the small calls' p50, p99 and worst latency are what one big client costs
 the others. Attacks: a 19 MiB body with an error (`signature_name` a number, 10 M integers: issue 20, item 7),
-and a valid 19 MiB predict (5 M floats in, a 28.6 MiB answer). The servers take turns point by point;
+a valid 19 MiB predict (5 M floats in, a 28.6 MiB answer), and a 12 MiB V2 JSON infer (2.5 M floats, a 10 MiB
+JSON answer). The servers take turns point by point;
 medians of the repeats. Writes bench/results/<time>-big-bodies.md.
 
     PYTHONPATH=src python bench/big_bodies.py [--seconds 6] [--repeats 3]
@@ -22,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 from compare import HERE, export_models, grpc_call_for, h2load, median_point, one_row, request_for, serve, wrk
 
@@ -30,7 +32,14 @@ ATTACKS = {
     "none": b"",
     "error body 19 MiB": b'{"signature_name": 5, "inputs": [' + b"1," * (2 * COUNT - 1) + b"1]}",
     "valid predict 19 MiB": b'{"instances": [' + b"1.5," * (COUNT - 1) + b"1.5]}",
+    "V2 infer 12 MiB": (
+        b'{"inputs": [{"name": "x", "shape": [%d, 1], "datatype": "FP32", "data": [' % (COUNT // 2)
+        + b"1.5, " * (COUNT // 2 - 1)
+        + b"1.5]}]}"
+    ),
 }
+# Where each attack posts (the tiny model's TF Serving predict, or its V2 infer).
+PATHS = {attack: "/v2/models/m/infer" if attack.startswith("V2") else "/v1/models/m:predict" for attack in ATTACKS}
 SERVERS = {"codec process": (), "in process": ("--rest_api_codec_process_min_bytes=0",)}
 VICTIMS = ["REST", "gRPC"]
 
@@ -43,11 +52,13 @@ def _attack(url: str, body: bytes, stop: threading.Event, seconds: list[float]) 
         seconds.append(time.monotonic() - started)
 
 
-def point(base: str, grpc_port: int, attack: bytes, victim: str, alias, row, seconds: float, work: Path) -> dict:
+def point(
+    base: str, grpc_port: int, attack: str, victim: str, alias: str, row: np.ndarray, seconds: float, work: Path
+) -> dict:
     """One victim run while `attack` is posted back to back; the big calls' median seconds as `big_s`."""
     stop, big = threading.Event(), []
-    attacker = threading.Thread(target=_attack, args=(base + "/v1/models/m:predict", attack, stop, big))
-    if attack:
+    attacker = threading.Thread(target=_attack, args=(base + PATHS[attack], ATTACKS[attack], stop, big))
+    if ATTACKS[attack]:
         attacker.start()
         time.sleep(0.5)  # the first big body is under way
     try:
@@ -59,7 +70,7 @@ def point(base: str, grpc_port: int, attack: bytes, victim: str, alias, row, sec
             result = wrk(base + path, body, 4, seconds, work)
     finally:
         stop.set()
-        if attack:
+        if ATTACKS[attack]:
             attacker.join()
     return {**result, "big_s": statistics.median(big) if big else float("nan")}
 
@@ -83,12 +94,12 @@ def main() -> None:
         for base, _ in servers.values():  # start the codec process before measuring
             requests.post(base + "/v1/models/m:predict", data=ATTACKS["error body 19 MiB"], timeout=300)
         for repeat in range(args.repeats):
-            for attack, body in ATTACKS.items():
+            for attack in ATTACKS:
                 for victim in VICTIMS:
                     order = list(servers) if repeat % 2 == 0 else list(reversed(servers))
                     for name in order:
                         base, grpc_port = servers[name]
-                        result = point(base, grpc_port, body, victim, alias, row, args.seconds, work)
+                        result = point(base, grpc_port, attack, victim, alias, row, args.seconds, work)
                         runs.setdefault((attack, victim, name), []).append(result)
                         print(attack, victim, name, {k: round(v, 2) for k, v in result.items()}, flush=True)
     lines = [
