@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import os
 import statistics
 import tempfile
 import threading
@@ -75,6 +76,22 @@ def point(
     return {**result, "big_s": statistics.median(big) if big else float("nan")}
 
 
+def _codec_rss() -> list[float]:
+    """RSS (MiB) of the codec processes of this run's servers (children of this process's children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or b"pyserving.workers\0codec" not in (entry / "cmdline").read_bytes():
+                continue
+            status = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
+            parent = (Path("/proc") / status["PPid"].strip() / "status").read_text()
+            if f"PPid:\t{os.getpid()}\n" in parent:
+                found.append(int(status["VmRSS"].split()[0]) / 1024)
+        except OSError:
+            continue
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=6)
@@ -102,6 +119,7 @@ def main() -> None:
                         result = point(base, grpc_port, attack, victim, alias, row, args.seconds, work)
                         runs.setdefault((attack, victim, name), []).append(result)
                         print(attack, victim, name, {k: round(v, 2) for k, v in result.items()}, flush=True)
+        codec_rss = _codec_rss()
     lines = [
         f"# Big REST bodies against small calls ({datetime.datetime.now():%Y-%m-%d %H:%M})",
         "",
@@ -120,6 +138,7 @@ def main() -> None:
                     f"| {attack} | {victim} | {name} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | "
                     f"{m['max']:.1f} | {m['big_s']:.2f} | {ratio:.2f}x |"
                 )
+    lines += ["", f"Codec processes' RSS at the end: {', '.join(f'{rss:.0f} MiB' for rss in codec_rss)}"]
     text = "\n".join(lines) + "\n"
     out = HERE / "results" / f"{datetime.datetime.now():%Y-%m-%d-%H%M}-big-bodies.md"
     out.write_text(text)

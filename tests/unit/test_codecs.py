@@ -193,3 +193,20 @@ def test_an_infer_body_decodes_in_the_child_exactly_as_here():
     np.testing.assert_array_equal(arrays["x"], np.full(rows, 0.25, np.float32))
     np.testing.assert_array_equal(raw_arrays["x"], np.arange(3, dtype=np.float32))
     assert (error.code, error.message) == (Code.INVALID_ARGUMENT, "parameter 'signature_name' must be a string")
+
+
+def test_group_signals_are_left_to_the_serving_process():
+    """SIGTERM/SIGINT/SIGHUP sent to the whole process group (systemd's stop, Ctrl-C) must not stop a codec
+    process while the serving process may still drain calls that need it."""
+
+    async def check(codecs):
+        pid = await codecs.run("os:getpid")
+        call = asyncio.ensure_future(codecs.run("time:sleep", 0.5))
+        await asyncio.sleep(0.2)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(pid, signum)
+        await call
+        return pid, await codecs.run("os:getpid")
+
+    pid, again = _run(check)
+    assert again == pid

@@ -157,7 +157,10 @@ def serve(fd: int) -> int:
     connection = socket.socket(fileno=fd)
     shm = "/dev/shm"
     shm_dir = tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=shm if os.access(shm, os.W_OK) else tempfile.gettempdir())
-    signal.signal(signal.SIGTERM, _exit)
+    # Signals sent to the whole group (Ctrl-C, systemd's stop) are the serving process's to handle: it may still
+    # be draining calls that need this process, which exits when the serving process closes the socket.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         _send(connection, (wire.REPLY, 0, shm_dir), "")
         while (frame := wire.read_frame_blocking(connection)) is not None:
@@ -206,7 +209,3 @@ def _out_of_band(value: Any) -> Any:
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _exit(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
