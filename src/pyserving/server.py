@@ -165,7 +165,7 @@ def rest_router(server: Server) -> http.Router:
         options.rest_api_enable_cors_support,
         options.rest_api_max_body_bytes,
     )
-    codecs = CodecProcesses(options.rest_api_codec_processes, options.rest_api_codec_process_min_bytes, pool)
+    codecs = CodecProcesses(options.rest_api_codec_processes, options.rest_api_codec_process_min_bytes)
     router.mount(rest_api.PREFIX, rest_api.RestApi(server.dataplane, pool, settings, codecs), ignore_case=True)
     v2_settings = v2_rest.V2Settings(options.rest_api_timeout_in_ms, options.rest_api_max_body_bytes)
     inference = Inference(server.dataplane, server.core, pool)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
+import time
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -17,6 +19,7 @@ from pyserving.errors import Code, ServingError
 from pyserving.protocols.tfs import bodies
 from pyserving.protocols.tfs.json import predict_response
 from pyserving.protocols.v2 import bodies as v2_bodies
+from pyserving.workers import codecs as codecs_module
 from pyserving.workers.codecs import CodecProcesses
 
 
@@ -29,17 +32,15 @@ def _signatures() -> dict[str, meta_graph_pb2.SignatureDef]:
     return {"serving_default": signature}
 
 
-def _run(coroutine_function):
-    """Run `coroutine_function(codecs)` with one codec process (bodies from 1 byte), and stop the child after."""
+def _run(coroutine_function, count: int = 1):
+    """Run `coroutine_function(codecs)` with `count` codec processes (bodies from 1 byte); stop them after."""
 
     async def main():
-        with ThreadPoolExecutor(4) as pool:
-            codecs = CodecProcesses(1, 1, pool)
-            try:
-                return await coroutine_function(codecs)
-            finally:
-                pid = await codecs.run("os:getpid")
-                os.kill(pid, signal.SIGKILL)
+        codecs = CodecProcesses(count, 1)
+        try:
+            return await coroutine_function(codecs)
+        finally:
+            await codecs.close()
 
     return asyncio.run(main())
 
@@ -156,7 +157,7 @@ def test_calls_beyond_the_process_count_wait_their_turn():
     [(1, 100, 99, False), (1, 100, 100, True), (0, 100, 10**9, False), (1, 0, 10**9, False)],
 )
 def test_which_bodies_go_to_a_codec_process(count, min_bytes, size, wanted):
-    assert CodecProcesses(count, min_bytes, ThreadPoolExecutor(1)).wanted(size) is wanted
+    assert CodecProcesses(count, min_bytes).wanted(size) is wanted
 
 
 def test_examples_bodies_decode_to_the_input_proto():
@@ -210,3 +211,71 @@ def test_group_signals_are_left_to_the_serving_process():
 
     pid, again = _run(check)
     assert again == pid
+
+
+def test_a_child_that_died_while_idle_is_replaced_without_failing_a_call():
+    async def check(codecs):
+        first = await codecs.run("os:getpid")
+        os.kill(first, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        return first, await codecs.run("os:getpid")
+
+    first, second = _run(check)
+    assert second not in (first, os.getpid())
+
+
+def test_when_no_child_can_start_calls_run_here_and_big_bodies_stay_here_a_while(monkeypatch):
+    monkeypatch.setattr(codecs_module.sys, "executable", "/nonexistent/python")
+
+    async def check(codecs):
+        pid = await codecs.run("os:getpid")
+        return pid, codecs.wanted(10**6)
+
+    pid, wanted = _run(check)
+    assert (pid, wanted) == (os.getpid(), False)
+
+
+def test_folders_of_killed_children_are_swept_and_live_ones_kept(tmp_path):
+    dead, live, starting = (tmp_path / f"pyserving-codec-{name}" for name in ("dead", "live", "starting"))
+    for folder in (dead, live, starting):
+        folder.mkdir()
+    for folder in (dead, live):
+        (folder / ".lock").touch()
+        (folder / "t-1-a-0").write_bytes(b"tensor")
+    held = os.open(live / ".lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        old = time.time() - 3600
+        for folder in (dead, live):
+            os.utime(folder, (old, old))
+        codecs_module._sweep(str(tmp_path))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pyserving-codec-live", "pyserving-codec-starting"]
+        os.utime(starting, (old, old))  # no lock after two minutes: killed while starting
+        codecs_module._sweep(str(tmp_path))
+        assert [p.name for p in tmp_path.iterdir()] == ["pyserving-codec-live"]
+    finally:
+        os.close(held)
+
+
+def test_a_closed_child_exits_and_removes_its_folder():
+    async def check(codecs):
+        pid = await codecs.run("os:getpid")
+        folder = codecs._idle[0].shm_dir
+        assert Path(folder).is_dir()
+        await codecs.close()
+        return pid, folder
+
+    pid, folder = _run(check)
+    assert not Path(folder).exists() and not Path(f"/proc/{pid}").exists()
+
+
+def test_deep_infer_parameters_never_travel_between_processes():
+    """orjson accepts 1,024 levels; pickle stops near 500: a request's parameters stay where they were parsed."""
+    deep = b'{"parameters": {"p": ' + b"[" * 900 + b"]" * 900 + b'}, "inputs": [{"name": "x", "shape": [1], '
+    body = deep + b'"datatype": "FP32", "data": [1.5]}], "outputs": [{"name": "y"}]}'
+
+    async def check(codecs):
+        return await codecs.run(v2_bodies.DECODE_INFER, body, None, "m", "", _signatures(), 0)
+
+    request, key, arrays = _run(check)
+    assert (request.parameters, request.outputs, key, arrays["x"].tolist()) == ({}, ["y"], "serving_default", [1.5])

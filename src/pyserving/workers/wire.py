@@ -187,6 +187,8 @@ def decode(frame: bytearray | bytes, shm_dir: str) -> Any:
     offset += name_size
     payload = view[offset : offset + payload_size]
     offset += payload_size
+    if name and not (name.startswith(TENSOR_FILE_PREFIX) and os.path.basename(name) == name):
+        raise ServingError(Code.INTERNAL, INTERNAL_ERROR)  # only this code's own file names, in the folder
     mapped = _map_shared(os.path.join(shm_dir, name)) if name else None
     shared_offset = 0
     buffers: list[memoryview] = []
@@ -226,9 +228,10 @@ async def read_frame(reader: asyncio.StreamReader) -> bytearray | None:
 def read_frame_blocking(connection: socket.socket) -> bytearray | None:
     """`read_frame` from a blocking socket; None at the end of the stream."""
     head = bytearray(_LENGTH.size)
-    if not connection.recv_into(head, 1):
+    got = connection.recv_into(head)
+    if not got:
         return None
-    _recv_into(connection, memoryview(head)[1:])
+    _recv_into(connection, memoryview(head)[got:])
     frame = bytearray(_LENGTH.unpack(head)[0])
     _recv_into(connection, memoryview(frame))
     return frame

@@ -190,11 +190,13 @@ class RestApi:
                     self._pool, len(body), predict_request.decode_predict, doc, signature, key, body
                 )
                 result = await self._run_predict(target, key, inputs, len(body))
+        fmt = inputs.format
+        del inputs  # (arrays from a codec process map /dev/shm files: freed before the answer takes room there)
         size = predict_response.encoded_size(result.outputs)
         if codecs is not None and codecs.wanted(size):
-            answer = await codecs.run(bodies.ENCODE_PREDICT, result.outputs, inputs.format)
+            answer = await codecs.run(bodies.ENCODE_PREDICT, result.outputs, fmt)
             return await run_sync(self._pool, bytes, answer)  # from its shared memory (ASGI servers want bytes)
-        return await run_sized(self._pool, size, predict_response.encode_predict, result.outputs, inputs.format)
+        return await run_sized(self._pool, size, predict_response.encode_predict, result.outputs, fmt)
 
     async def _run_predict(
         self, target: Target, key: str, inputs: predict_request.PredictInputs, body_size: int

@@ -26,6 +26,7 @@ __all__ = [
     "InferRequest",
     "check_infer",
     "decode_infer",
+    "described",
     "encode_infer",
     "json_object",
     "parse_infer",
@@ -51,7 +52,7 @@ def parse_infer(body: bytes | memoryview, header_length: bytes | None) -> InferR
     raw = memoryview(body)[:0]
     head: bytes | memoryview = body
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not header_length.isdigit() or len(header_length) > 19 or int(header_length) > len(body):
             raise invalid_argument(
                 f"Inference-Header-Content-Length {header_length.decode('latin-1')!r} is not a length "
                 f"within the {len(body)}-byte body"
@@ -157,4 +158,10 @@ def decode_infer(
     request = parse_infer(body, header_length)
     key, signature = infer_signature(signatures, model_spec(name, version, request.parameters).signature_name)
     arrays = decode_inputs(signature, request.inputs, max_bytes)
-    return dataclasses.replace(request, inputs=[]), key, arrays
+    return described(request), key, arrays
+
+
+def described(request: InferRequest) -> InferRequest:
+    """What answering needs of a request (id, outputs): its inputs may be views of the body, and its parameters
+    (any JSON) may be too deep to pickle."""
+    return dataclasses.replace(request, inputs=[], parameters={})

@@ -15,7 +15,6 @@ unavailable, 504 timeout...). A ready check that says no answers 400 with
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -148,8 +147,8 @@ class V2RestApi:
                         spec, request.inputs, request.outputs, len(body), self._settings.timeout_ms
                     )
                 size = sum(array.nbytes for array in result.outputs.values())
-                if codecs is not None and codecs.wanted(size):
-                    described = dataclasses.replace(request, inputs=[])  # raw inputs are views of the body
+                if codecs is not None and codecs.wanted(_json_output_bytes(result, request)):
+                    described = bodies.described(request)
                     payload, header_length = await codecs.run(bodies.ENCODE_INFER, result, described)
                     payload = await run_sync(self._pool, bytes, payload)  # from its shared memory
                 else:
@@ -192,9 +191,16 @@ class V2RestApi:
 
 def _json_bytes(body: bytes, header_length: bytes | None) -> int:
     """How much of an infer body is JSON (raw tensors after a JSON header cost nothing to parse)."""
-    if header_length is not None and header_length.isdigit() and int(header_length) <= len(body):
-        return int(header_length)
+    if header_length is not None and header_length.isdigit() and len(header_length) <= 19:
+        return min(int(header_length), len(body))
     return len(body)
+
+
+def _json_output_bytes(result: PredictResult, request: bodies.InferRequest) -> int:
+    """The tensor bytes an answer writes as JSON (raw outputs are only joined)."""
+    if "*" in request.binary_outputs:
+        return 0
+    return sum(array.nbytes for name, array in result.outputs.items() if name not in request.binary_outputs)
 
 
 def _allow(method: str, allowed: str) -> None:
