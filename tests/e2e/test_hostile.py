@@ -534,8 +534,9 @@ def test_big_bodies_delay_neither_rest_nor_grpc(start_server):
         {"name": "y", "datatype": "FP32", "shape": [rows, 1], "data": [2.75] * rows}
     ]
     # The server's own view: its event loop's worst timer lag of each second (without codec processes: 186 to
-    # 517 ms; with them 0.4 to 4.2 ms here; with --num_workers, the model process's loop).
-    assert len(lags) > 10 and max(lags) < 0.02, lags
+    # 517 ms; with them 0.4 to 4.2 ms alone, 29 ms once in a whole-tier run on 2 cores; with --num_workers, the
+    # model process's loop).
+    assert len(lags) > 10 and max(lags) < 0.06, lags
     # The clients' view, which includes this process's and the machine's load: the worst call under attack stays
     # close to the quiet ones (2-core machine: 100 ms).
     assert max(busy_rest) < max(quiet_rest) + 0.1, (statistics.median(busy_rest), max(busy_rest), max(quiet_rest))
